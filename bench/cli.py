@@ -1,0 +1,125 @@
+"""Command line: ``python -m bench run|list|report``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .registry import ConfigError, describe
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MATRIX = "matrices/quick.yaml"
+
+
+def _matrix_path(arg: str | None) -> Path:
+    path = Path(arg or DEFAULT_MATRIX)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+def _device(arg: str) -> str:
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: '{arg}' requested but CUDA is not available; use 'cpu' or 'auto'")
+    return arg
+
+
+def _setup(args):
+    from .matrix import load_matrix
+    from .runner import Runner
+    from .store import Store
+
+    matrix = load_matrix(_matrix_path(args.matrix))
+    out = Path(args.output or matrix.output)
+    runner = Runner(Store(out), device=_device(args.device), data_root=args.data_root)
+    return matrix, runner
+
+
+def cmd_run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    matrix, runner = _setup(args)
+    if args.dry_run:
+        for c in matrix.cells:
+            print(("cached " if runner.cached_result(c) else "todo   ") + c.label)
+        return 0
+    print(f"matrix '{matrix.name}': {len(matrix.cells)} cells -> {runner.store.root}", file=sys.stderr)
+    outcomes = runner.run(matrix)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = sum(o.status == "done" for o in outcomes)
+    cached = sum(o.status == "cached" for o in outcomes)
+    from .report import write_report
+
+    md, _ = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
+    for o in failed:
+        print(f"FAILED {o.cell.label}: {o.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    matrix, runner = _setup(args)
+    md, missing = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    print(md.read_text())
+    print(f"written: {md.parent}/tables.md, tables.csv, results.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+
+    from .data import DATASETS
+    from .models import MODELS
+
+    sections = [("attacks", [(k, describe(c)) for k, c in ATTACKS.items()]),
+                ("defenses", [(k, describe(c)) for k, c in DEFENSES.items()]),
+                ("datasets", [(k, d) for k, (_, d) in DATASETS.items()]),
+                ("models", [(k, d) for k, (_, d) in MODELS.items()])]
+    for title, items in sections:
+        print(f"{title}:")
+        for k, d in items:
+            print(f"  {k:<18} {d}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("matrix", nargs="?", help=f"matrix YAML (default: {DEFAULT_MATRIX})")
+        sp.add_argument("--data-root", help="where datasets live (else the matrix's data_root, "
+                                            "else $BENCH_DATA_ROOT, else ./data)")
+        sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
+        sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
+        sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+
+    r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
+    common(r)
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and whether they are cached")
+    r.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="render tables from a matrix's finished cells")
+    common(rep)
+    rep.set_defaults(fn=cmd_report)
+    sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
+
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bench").setLevel(logging.INFO)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

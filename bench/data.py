@@ -1,0 +1,312 @@
+"""Datasets as ``uint8`` tensors (N x C x H x W) plus labels.
+
+Every dataset is loaded once into memory as ``uint8``: a poisoned dataset is a set of
+image files, and the trainer holds it on the device and does its augmentation batched.
+
+Where data comes from, in order:
+
+1. ``<data_root>/<name>.npz`` with arrays ``x_train, y_train, x_test, y_test``
+   (HWC or NHW uint8, as in ``shared/data/cifar10.npz``).
+2. The usual on-disk layout of a user's machine: torchvision's folders for CIFAR-10/100,
+   MNIST and GTSRB (``download=False``: we never download inside a run), and an
+   ``ImageFolder`` tree for Tiny-ImageNet and Imagenette.  Folder datasets are converted
+   once and written back as ``<data_root>/<name>.npz`` so later runs load in seconds.
+
+``digits`` (scikit-learn's bundled 8x8 handwritten digits) needs no files at all and is the
+embedded default.  It is upscaled to ``DIGITS_SIZE`` pixels so that patch triggers, warps
+and 4x4 trigger grids have room.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATA_ROOT_ENV = "BENCH_DATA_ROOT"
+DEFAULT_DATA_ROOT = "data"
+#: Side length the 8x8 digits are resized to.  16 keeps a 3x3-equivalent patch (2x2),
+#: the WaNet warp and the 4x4 AdaptiveBlend grid meaningful while the whole quick matrix
+#: stays within minutes on two CPU cores (32 px costs 4x the compute for no extra insight).
+DIGITS_SIZE = 16
+#: Fraction of digits held out as the test set (stratified, fixed split seed).
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Raised with one message that says where data was looked for and how to get it."""
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``N x C x H x W`` and int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self):
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.y.shape != (self.x.shape[0],):
+            raise ValueError(f"labels must have shape ({self.x.shape[0]},), got {tuple(self.y.shape)}")
+        self.y = self.y.long()
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, idx) -> "ImageSet":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ImageSet(self.x[idx], self.y[idx])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.train.x.shape[2]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple((self.train.x.float() / 255).mean(dim=(0, 2, 3)).tolist())
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple((self.train.x.float() / 255).std(dim=(0, 2, 3)).tolist())
+
+
+def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """``explicit`` (CLI flag or matrix field) wins, then ``$BENCH_DATA_ROOT``, then ``./data``."""
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry of datasets: name -> (loader, one-line description)
+
+DATASETS: dict[str, tuple] = {}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a matrix needs to know about a dataset before loading it."""
+
+    description: str
+    num_classes: int
+    channels: int
+    size: int
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {}
+
+
+def dataset(name: str, description: str, num_classes: int, channels: int, size: int):
+    def deco(fn):
+        DATASETS[name] = (fn, description)
+        DATASET_INFO[name] = DatasetInfo(description, num_classes, channels, size)
+        return fn
+
+    return deco
+
+
+def load_dataset(name: str, data_root: str | os.PathLike | None = None, train_limit: int | None = None,
+                 test_limit: int | None = None) -> Dataset:
+    """Load a dataset by name.  ``train_limit``/``test_limit`` keep a class-stratified prefix
+    (first ``n`` samples after a fixed shuffle) for quick experiments on large datasets."""
+    if name not in DATASETS:
+        raise KeyError(name)
+    loader, _ = DATASETS[name]
+    ds = loader(resolve_data_root(data_root))
+    if train_limit:
+        ds.train = _limit(ds.train, train_limit)
+    if test_limit:
+        ds.test = _limit(ds.test, test_limit)
+    return ds
+
+
+def _limit(s: ImageSet, n: int) -> ImageSet:
+    if n >= len(s):
+        return s
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(s), generator=g)
+    # Round-robin over classes keeps the slice class-balanced.
+    y = s.y[perm]
+    rank = torch.empty_like(y)
+    for c in y.unique():
+        where = (y == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    order = perm[torch.argsort(rank * (int(y.max()) + 1) + y, stable=True)]
+    return s.subset(order[:n].sort().values)
+
+
+def _to_nchw(a: np.ndarray) -> torch.Tensor:
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images, got {a.dtype}")
+    if a.ndim == 3:  # N H W (grayscale)
+        a = a[:, None]
+    elif a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        a = a.transpose(0, 3, 1, 2)  # N H W C -> N C H W
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _from_npz(path: Path, name: str, classes=None) -> Dataset:
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {sorted(z.files)})")
+        train = ImageSet(_to_nchw(z["x_train"]), torch.from_numpy(z["y_train"].astype(np.int64)))
+        test = ImageSet(_to_nchw(z["x_test"]), torch.from_numpy(z["y_test"].astype(np.int64)))
+        if classes is None and "classes" in z.files:
+            classes = [str(c) for c in z["classes"]]
+    k = int(max(train.y.max(), test.y.max())) + 1
+    return Dataset(name, train, test, k, list(classes or range(k)))
+
+
+def _save_npz(path: Path, ds: Dataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, x_train=ds.train.x.numpy(), y_train=ds.train.y.numpy(), x_test=ds.test.x.numpy(),
+             y_test=ds.test.y.numpy(), classes=np.array([str(c) for c in ds.classes]))
+    os.replace(tmp, path)
+
+
+def _missing(name: str, looked: list[Path], how: str) -> DataNotFoundError:
+    where = ", ".join(str(p) for p in looked)
+    return DataNotFoundError(
+        f"dataset '{name}' not found (looked in: {where}). {how} "
+        f"Set the data root with --data-root, the matrix field 'data_root', or ${DATA_ROOT_ENV}.")
+
+
+def _npz_or(name: str, root: Path, fallback) -> Dataset:
+    npz = root / f"{name}.npz"
+    if npz.exists():
+        return _from_npz(npz, name)
+    return fallback(npz)
+
+
+@dataset("digits", "scikit-learn's bundled 8x8 handwritten digits, upscaled to 16x16, 1 channel, 10 classes (offline)",
+         10, 1, DIGITS_SIZE)
+def _digits(root: Path) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0  # values 0..16
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, te = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=d.target,
+                              random_state=DIGITS_SPLIT_SEED)
+    tr, te = np.sort(tr), np.sort(te)
+    return Dataset("digits", ImageSet(x[tr], y[tr]), ImageSet(x[te], y[te]), 10, [str(i) for i in range(10)])
+
+
+def _torchvision_arrays(name: str, root: Path, cls, **kw) -> Dataset:
+    def fallback(npz):
+        looked = [npz, root / name]
+        try:
+            tr = cls(str(root / name), train=True, download=False, **kw)
+            te = cls(str(root / name), train=False, download=False, **kw)
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise _missing(name, looked, f"Download it with torchvision ({cls.__name__}(root='{root / name}', "
+                                         f"download=True)) or provide {npz.name}.") from e
+        data = lambda d: d.data.numpy() if torch.is_tensor(d.data) else d.data  # noqa: E731
+        targets = lambda d: np.asarray(d.targets, dtype=np.int64)  # noqa: E731
+        return Dataset(name, ImageSet(_to_nchw(data(tr)), torch.from_numpy(targets(tr))),
+                       ImageSet(_to_nchw(data(te)), torch.from_numpy(targets(te))), len(tr.classes),
+                       [str(c) for c in tr.classes])
+
+    return _npz_or(name, root, fallback)
+
+
+@dataset("cifar10", "CIFAR-10, 32x32 RGB, 10 classes (torchvision layout or cifar10.npz)", 10, 3, 32)
+def _cifar10(root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    return _torchvision_arrays("cifar10", root, CIFAR10)
+
+
+@dataset("cifar100", "CIFAR-100, 32x32 RGB, 100 classes (torchvision layout or cifar100.npz)", 100, 3, 32)
+def _cifar100(root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR100
+
+    return _torchvision_arrays("cifar100", root, CIFAR100)
+
+
+@dataset("mnist", "MNIST, 28x28 grayscale, 10 classes (torchvision layout or mnist.npz)", 10, 1, 28)
+def _mnist(root: Path) -> Dataset:
+    from torchvision.datasets import MNIST
+
+    return _torchvision_arrays("mnist", root, MNIST)
+
+
+def _images_to_tensor(paths_labels, size: int) -> ImageSet:
+    from PIL import Image
+
+    x = np.empty((len(paths_labels), size, size, 3), dtype=np.uint8)
+    for i, (p, _) in enumerate(paths_labels):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            x[i] = np.asarray(im)
+    y = torch.tensor([label for _, label in paths_labels], dtype=torch.long)
+    return ImageSet(_to_nchw(x), y)
+
+
+def _image_folder(name: str, root: Path, size: int, train_dir: str, test_dir: str, how: str) -> Dataset:
+    """Read an ``ImageFolder`` tree (``<root>/<name>/{train,val}/<class>/*``) resized to ``size``."""
+
+    def fallback(npz):
+        base = root / name
+        looked = [npz, base / train_dir, base / test_dir]
+        if not (base / train_dir).is_dir() or not (base / test_dir).is_dir():
+            raise _missing(name, looked, how)
+        from torchvision.datasets import ImageFolder
+
+        tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
+        if tr.classes != te.classes:
+            raise ValueError(f"{name}: train and test folders have different classes")
+        ds = Dataset(name, _images_to_tensor(tr.samples, size), _images_to_tensor(te.samples, size),
+                     len(tr.classes), list(tr.classes))
+        _save_npz(npz, ds)  # converted once; later runs read the npz
+        return ds
+
+    return _npz_or(name, root, fallback)
+
+
+@dataset("gtsrb", "GTSRB traffic signs, resized to 32x32 RGB, 43 classes (ImageFolder train/ test/ or gtsrb.npz)",
+         43, 3, 32)
+def _gtsrb(root: Path) -> Dataset:
+    return _image_folder("gtsrb", root, 32, "train", "test",
+                         "Arrange GTSRB as <root>/gtsrb/{train,test}/<class>/<image> or provide gtsrb.npz.")
+
+
+@dataset("tinyimagenet", "Tiny-ImageNet, 64x64 RGB, 200 classes (ImageFolder train/ val/ or tinyimagenet.npz)",
+         200, 3, 64)
+def _tiny(root: Path) -> Dataset:
+    return _image_folder("tinyimagenet", root, 64, "train", "val",
+                         "Arrange Tiny-ImageNet as <root>/tinyimagenet/{train,val}/<wnid>/<image> "
+                         "(sort val/images by val_annotations.txt) or provide tinyimagenet.npz.")
+
+
+@dataset("imagenette", "Imagenette, resized to 224x224 RGB, 10 classes (ImageFolder train/ val/ or imagenette.npz)",
+         10, 3, 224)
+def _imagenette(root: Path) -> Dataset:
+    return _image_folder("imagenette", root, 224, "train", "val",
+                         "Unpack imagenette2 as <root>/imagenette/{train,val}/<wnid>/<image> or provide imagenette.npz.")

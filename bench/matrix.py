@@ -1,0 +1,253 @@
+"""Experiment matrices: a YAML grid of dataset x model x attack x defense x seed, validated
+before any work and expanded into :class:`Cell` objects.
+
+Example (every field but ``attacks`` and ``defenses`` is optional)::
+
+    name: quick
+    data_root: null            # else --data-root, else $BENCH_DATA_ROOT, else ./data
+    output: runs               # the artifact store (results, checkpoints, logs)
+    seeds: [0]
+    datasets: [digits]         # or {name: cifar10, train_limit: 10000, recipe: {epochs: 15}}
+    models: [small_cnn]
+    recipe: {epochs: 30, lr: 0.05}
+    reserve_ratio: 0.05        # clean reserve for defenses that use clean data
+    attacks:
+      - badnet
+      - {name: blend, alpha: 0.2}
+      - {name: badnet, sweep: {poison_ratio: [0.0, 0.1]}}   # one entry per value
+    defenses: [undefended, {name: my_pkg.my_module:MyDefense, lr: 0.01}]
+
+Any bad value raises :class:`~bench.registry.ConfigError` whose message names the field
+(``attacks[1].alpha``) and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attacks import ATTACKS, Attack
+from defenses import DEFENSES, Defense
+
+from .data import DATASET_INFO
+from .models import MODELS
+from .registry import ConfigError, build, closest, params_of
+from .trainer import Recipe
+
+#: bump when the harness changes how any artifact is computed
+HARNESS_VERSION = 1
+
+TOP_LEVEL = {"name", "description", "data_root", "output", "seeds", "datasets", "models", "recipe",
+             "reserve_ratio", "attacks", "defenses"}
+DATASET_FIELDS = {"name", "train_limit", "test_limit", "recipe"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def ident(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def label(self) -> str:
+        return self.name + (f"[{self.train_limit}]" if self.train_limit else "")
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: DatasetSpec
+    model: str
+    attack: Attack
+    defense: Defense
+    recipe: Recipe
+    seed: int
+    reserve_ratio: float
+    data_root: str | None = None
+
+    # --- identities ---------------------------------------------------------------------------
+    def poison_ident(self) -> dict:
+        return {"harness": HARNESS_VERSION, "dataset": self.dataset.ident(), "seed": self.seed,
+                "attack": self.attack.key, "attack_version": self.attack.version,
+                "attack_params": params_of(self.attack)}
+
+    def backdoor_ident(self) -> dict:
+        return {**self.poison_ident(), "model": self.model, "recipe": self.recipe.as_dict()}
+
+    def result_ident(self) -> dict:
+        ident = {**self.backdoor_ident(), "defense": self.defense.key,
+                 "defense_version": self.defense.version, "defense_params": params_of(self.defense)}
+        if self.defense.uses_clean_data:
+            ident["reserve_ratio"] = self.reserve_ratio
+        return ident
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset.label}/{self.model}/{self.attack.key}/{self.defense.key}/seed{self.seed}"
+
+    def row(self) -> dict[str, Any]:
+        """The cell's parameters, flattened for the results table."""
+        return {"dataset": self.dataset.name, "train_limit": self.dataset.train_limit, "model": self.model,
+                "attack": self.attack.key, "defense": self.defense.key, "seed": self.seed,
+                "attack_params": params_of(self.attack), "defense_params": params_of(self.defense),
+                "recipe": self.recipe.as_dict(),
+                "clean_data": self.reserve_ratio if self.defense.uses_clean_data else 0.0,
+                "defense_name": self.defense.display_name or self.defense.key}
+
+
+@dataclass
+class Matrix:
+    name: str
+    cells: list[Cell]
+    output: str = "runs"
+    data_root: str | None = None
+    description: str = ""
+    raw: dict = field(default_factory=dict)
+
+
+def _as_list(value, where):
+    if isinstance(value, list):
+        return value
+    if value is None:
+        raise ConfigError(f"{where}: missing; give a list")
+    return [value]
+
+
+def _entry(item, where) -> tuple[str, dict]:
+    """A component entry: 'key' or {name: key, ...params}."""
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, dict):
+        if "name" not in item:
+            raise ConfigError(f"{where}.name: missing (each entry is a name or a mapping with 'name')")
+        if not isinstance(item["name"], str):
+            raise ConfigError(f"{where}.name: expected a string, got {item['name']!r}")
+        rest = {k: v for k, v in item.items() if k != "name"}
+        return item["name"], rest
+    raise ConfigError(f"{where}: expected a name or a mapping, got {type(item).__name__} {item!r}")
+
+
+def _expand_sweep(params: dict, where: str) -> list[dict]:
+    sweep = params.pop("sweep", None)
+    if sweep is None:
+        return [params]
+    if not isinstance(sweep, dict) or not sweep:
+        raise ConfigError(f"{where}.sweep: expected a mapping of parameter -> list of values")
+    keys = list(sweep)
+    for k in keys:
+        if not isinstance(sweep[k], list) or not sweep[k]:
+            raise ConfigError(f"{where}.sweep.{k}: expected a non-empty list of values")
+    return [{**params, **dict(zip(keys, combo))} for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _recipe(base: Recipe, overrides, where: str) -> Recipe:
+    if overrides is None:
+        return base
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a mapping of recipe fields")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    current = dataclasses.asdict(base)
+    for k in overrides:
+        if k not in fields:
+            raise ConfigError(f"{where}.{k}: unknown recipe field{closest(k, fields)}; allowed: {', '.join(sorted(fields))}")
+    # type-check through the same machinery as components
+    return build(Recipe, {**current, **overrides}, where)
+
+
+def _check_ratio(value, where):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: {value!r} must be a number in [0, 1]")
+    return float(value)
+
+
+def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"matrix: expected a mapping at the top level, got {type(raw).__name__}")
+    for k in raw:
+        if k not in TOP_LEVEL:
+            raise ConfigError(f"{k}: unknown field{closest(k, TOP_LEVEL)}; allowed: {', '.join(sorted(TOP_LEVEL))}")
+    for k in ("attacks", "defenses"):
+        if k not in raw:
+            raise ConfigError(f"{k}: missing; give a list of {k}")
+
+    seeds = _as_list(raw.get("seeds", [0]), "seeds")
+    for i, s in enumerate(seeds):
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise ConfigError(f"seeds[{i}]: expected an integer, got {s!r}")
+    reserve = _check_ratio(raw.get("reserve_ratio", 0.05), "reserve_ratio")
+    base_recipe = _recipe(Recipe(), raw.get("recipe"), "recipe")
+    for k in ("data_root", "output", "name", "description"):
+        if raw.get(k) is not None and not isinstance(raw[k], str):
+            raise ConfigError(f"{k}: expected a string, got {raw[k]!r}")
+
+    datasets = []
+    for i, item in enumerate(_as_list(raw.get("datasets", ["digits"]), "datasets")):
+        where = f"datasets[{i}]"
+        dname, rest = _entry(item, where)
+        if dname not in DATASET_INFO:
+            raise ConfigError(f"{where}: unknown dataset '{dname}'{closest(dname, DATASET_INFO)}; "
+                              f"allowed: {', '.join(sorted(DATASET_INFO))}")
+        for k in rest:
+            if k not in DATASET_FIELDS:
+                raise ConfigError(f"{where}.{k}: unknown field{closest(k, DATASET_FIELDS)}; "
+                                  f"allowed: {', '.join(sorted(DATASET_FIELDS))}")
+        for k in ("train_limit", "test_limit"):
+            v = rest.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
+        spec = DatasetSpec(dname, rest.get("train_limit"), rest.get("test_limit"))
+        datasets.append((spec, _recipe(base_recipe, rest.get("recipe"), f"{where}.recipe")))
+
+    models = _as_list(raw.get("models", ["small_cnn"]), "models")
+    for i, m in enumerate(models):
+        if m not in MODELS:
+            raise ConfigError(f"models[{i}]: unknown model '{m}'{closest(m, MODELS)}; allowed: {', '.join(MODELS)}")
+
+    attacks = []
+    for i, item in enumerate(_as_list(raw["attacks"], "attacks")):
+        where = f"attacks[{i}]"
+        key, params = _entry(item, where)
+        cls = ATTACKS.get(key, where)
+        for p in _expand_sweep(params, where):
+            attacks.append((build(cls, p, where), where))
+
+    defenses = []
+    for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
+        where = f"defenses[{i}]"
+        key, params = _entry(item, where)
+        cls = DEFENSES.get(key, where)
+        for p in _expand_sweep(params, where):
+            defenses.append(build(cls, p, where))
+
+    # class-index parameters must exist in every dataset they meet
+    for spec, _ in datasets:
+        k = DATASET_INFO[spec.name].num_classes
+        for attack, where in attacks:
+            for fname, value in attack.class_params().items():
+                for v in (value if isinstance(value, (list, tuple)) else [value]):
+                    if not 0 <= v < k:
+                        raise ConfigError(f"{where}.{fname}: class {v} is outside dataset '{spec.name}' "
+                                          f"(allowed: 0..{k - 1})")
+
+    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"))
+             for (spec, recipe), model, (attack, _), defense, seed
+             in itertools.product(datasets, models, attacks, defenses, seeds)]
+    return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
+                  raw.get("description", ""), raw)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"matrix: file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"matrix: '{path}' is not valid YAML: {e}") from e
+    return parse_matrix(raw, path.stem)

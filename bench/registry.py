@@ -1,0 +1,168 @@
+"""Registries of attacks and defenses, and validation of their parameters.
+
+Attacks and defenses are dataclasses: every hyperparameter is a field with a documented
+default, so a component's parameters are exactly its constructor's arguments.  A matrix names a
+component by its registered key (``badnet``), by ``module:Class`` (a researcher's own class in
+their own module, no edit of this repository), or by an installed entry point in the groups
+``bench.attacks`` / ``bench.defenses``.
+
+Every registered package module is imported on first use (``pkgutil``), so adding a defense is
+adding one file to ``defenses/`` with ``@register_defense("key")`` on its class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import types
+import typing
+from importlib import metadata
+
+
+class ConfigError(ValueError):
+    """A bad matrix/config value.  The message names the field and what is allowed."""
+
+
+def closest(name: str, allowed) -> str:
+    match = difflib.get_close_matches(str(name), list(allowed), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class Registry:
+    def __init__(self, kind: str, package: str, entry_point_group: str):
+        self.kind, self.package, self.group = kind, package, entry_point_group
+        self._classes: dict[str, type] = {}
+        self._loaded = False
+
+    def register(self, key: str):
+        def deco(cls):
+            if key in self._classes and self._classes[key] is not cls:
+                raise ValueError(f"{self.kind} '{key}' registered twice")
+            cls.key = key
+            self._classes[key] = cls
+            return cls
+
+        return deco
+
+    def _load(self):
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self.package)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{mod.name}")
+        for ep in metadata.entry_points(group=self.group):
+            self.register(ep.name)(ep.load())
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._classes)
+
+    def items(self):
+        self._load()
+        return sorted(self._classes.items())
+
+    def get(self, name: str, field: str = None) -> type:
+        """Resolve a key or ``module:Class``; raise :class:`ConfigError` naming ``field``."""
+        self._load()
+        field = field or self.kind
+        if name in self._classes:
+            return self._classes[name]
+        if isinstance(name, str) and ":" in name:
+            mod, _, attr = name.partition(":")
+            try:
+                cls = getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{field}: cannot import '{name}' ({e})") from e
+            base = importlib.import_module(self.package).BASE
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ConfigError(f"{field}: '{name}' is not a subclass of {base.__name__}")
+            if not getattr(cls, "key", None) or self._classes.get(cls.key) is not cls:
+                cls.key = name
+            return cls
+        raise ConfigError(f"{field}: unknown {self.kind} '{name}'{closest(name, self._classes)}; "
+                          f"allowed: {', '.join(self.names())} or 'module:Class'")
+
+
+def _check_type(value, hint, where: str):
+    """Check (and lightly coerce) one YAML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for h in typing.get_args(hint):
+            try:
+                return _check_type(value, h, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1]
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if hint is typing.Any:
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(hint)
+        if args and args[-1] is not Ellipsis and origin is tuple and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        item = args[0] if args else typing.Any
+        value = [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(value) if (origin or hint) is tuple else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def build(cls: type, params: dict, where: str):
+    """Instantiate a dataclass component from YAML params, naming any bad field."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    clean = {}
+    for name, value in params.items():
+        if name not in fields:
+            raise ConfigError(f"{where}.{name}: unknown parameter of {cls.__name__}{closest(name, fields)}; "
+                              f"allowed: {', '.join(fields) or '(none)'}")
+        clean[name] = _check_type(value, hints.get(name, typing.Any), f"{where}.{name}")
+    try:
+        return cls(**clean)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def params_of(obj) -> dict:
+    """A component's parameters as plain JSON-able values."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def describe(cls) -> str:
+    """First line of the class docstring."""
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""

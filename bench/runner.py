@@ -1,0 +1,248 @@
+"""Runs cells: poison -> backdoored model (cached, shared) -> defense -> evaluation -> result.
+
+Artifacts in the store (see :mod:`bench.store`):
+
+* ``poison/<key>/indices.json``: the poisoned and cover indices (a record; poisoning itself is
+  deterministic and cheap, so it is recomputed in memory);
+* ``backdoor/<key>/``: the undefended model trained on the poisoned set, shared by every
+  defense that repairs a trained model and by the undefended baseline;
+* ``results/<key>.json``: one row per finished cell (written last, atomically); a cell whose
+  row exists is skipped;
+* ``failures/<key>.json``: the traceback of a failed cell (retried on the next run);
+* ``logs/<cell>.log``: a log file per cell.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from attacks import PoisonedSet, TriggeredTest
+from defenses import DefenseContext, Outcome
+
+from . import metrics
+from .data import Dataset, ImageSet, load_dataset
+from .matrix import Cell, Matrix
+from .models import build_model
+from .store import Store, atomic_write_json, digest
+from .trainer import Trainer
+
+log = logging.getLogger("bench")
+
+
+def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: int) -> ImageSet:
+    """A class-balanced set of genuinely clean training images, ``int(ratio * N)`` in all.
+
+    Drawn from training samples that are neither poisoned nor cover (ground truth used only to
+    guarantee cleanliness, as the threat model of FineTuning/FinePruning assumes).
+    """
+    n = int(ratio * len(poisoned.train))
+    clean = ~(poisoned.is_poison | poisoned.is_cover)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    per_class, picked = math.ceil(n / num_classes), []
+    for c in range(num_classes):
+        idx = (clean & (poisoned.y_orig == c)).nonzero().squeeze(1)
+        picked.append(idx[torch.randperm(len(idx), generator=gen)][:per_class])
+    idx = torch.cat(picked)
+    idx = idx[torch.randperm(len(idx), generator=gen)][:n].sort().values
+    return ImageSet(poisoned.train.x[idx], poisoned.y_orig[idx])
+
+
+def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest) -> dict[str, float]:
+    pred = trainer.predict(model, test.x)
+    pred_t = trainer.predict(model, trig.x)
+    return {"acc": metrics.accuracy(pred, test.y),
+            "asr": metrics.attack_success_rate(pred_t, trig.counts, trig.target),
+            "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # "cached" | "done" | "failed"
+    result: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Runner:
+    store: Store
+    device: str = "cpu"
+    data_root: str | None = None
+    trainer_options: dict = field(default_factory=dict)
+    _datasets: dict = field(default_factory=dict)
+    _poisoned: dict = field(default_factory=dict)
+
+    # --- inputs --------------------------------------------------------------------------------
+    def dataset(self, cell: Cell) -> Dataset:
+        key = (cell.dataset, self.data_root or cell.data_root)
+        if key not in self._datasets:
+            self._datasets[key] = load_dataset(cell.dataset.name, key[1], cell.dataset.train_limit,
+                                               cell.dataset.test_limit)
+        return self._datasets[key]
+
+    def poisoned(self, cell: Cell) -> tuple[PoisonedSet, TriggeredTest]:
+        key = digest(cell.poison_ident())
+        if key not in self._poisoned:
+            ds = self.dataset(cell)
+            p = cell.attack.poison(ds.train, seed=cell.seed)
+            t = cell.attack.test_set(ds.test)
+            rec = self.store.dir("poison", key) / "indices.json"
+            if not rec.exists():
+                self.store.save_json("poison", key, "indices.json", {
+                    **cell.poison_ident(), "poison_idx": p.poison_idx.tolist(), "cover_idx": p.cover_idx.tolist()})
+            self._poisoned = {key: (p, t)}  # keep one: cells are scheduled grouped by poison set
+        return self._poisoned[key]
+
+    def trainer(self, cell: Cell) -> Trainer:
+        return Trainer(device=torch.device(self.device), recipe=cell.recipe, **self.trainer_options)
+
+    def make_model(self, cell: Cell, ds: Dataset):
+        torch.manual_seed(cell.seed)
+        return build_model(cell.model, ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
+
+    # --- the shared backdoored model ------------------------------------------------------------
+    def backdoored(self, cell: Cell):
+        """The undefended model on this cell's poisoned set: loaded from the store or trained once."""
+        key = digest(cell.backdoor_ident())
+        ds = self.dataset(cell)
+        model = self.make_model(cell, ds)
+        if self.store.load_model("backdoor", key, model) is not None:
+            return model
+        with self.store.lock("backdoor", key):
+            if self.store.load_model("backdoor", key, model) is not None:  # another process made it
+                return model
+            poisoned, trig = self.poisoned(cell)
+            trainer = self.trainer(cell)
+            log.info("training backdoored model %s", cell.label)
+            t0 = time.time()
+            model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(), seed=cell.seed)
+            ev = evaluate(trainer, model, ds.test, trig)
+            self.store.save_model("backdoor", key, model, {
+                **cell.backdoor_ident(), **ev, "wall_time_s": time.time() - t0,
+                "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
+        return self.load_backdoored(cell)
+
+    def load_backdoored(self, cell: Cell):
+        ds = self.dataset(cell)
+        model = self.make_model(cell, ds)
+        if self.store.load_model("backdoor", digest(cell.backdoor_ident()), model) is None:
+            raise RuntimeError(f"backdoored model for {cell.label} vanished from the store")
+        return model.to(self.device)
+
+    # --- one cell --------------------------------------------------------------------------------
+    def result_path(self, cell: Cell):
+        return self.store.root / "results" / f"{digest(cell.result_ident())}.json"
+
+    def cached_result(self, cell: Cell) -> dict | None:
+        return self.store.load_json(self.result_path(cell))
+
+    def run_cell(self, cell: Cell) -> dict:
+        cached = self.cached_result(cell)
+        if cached is not None:
+            return cached
+        ds = self.dataset(cell)
+        poisoned, trig = self.poisoned(cell)
+        backdoor_meta = None
+        if cell.defense.needs_backdoored_model:
+            self.backdoored(cell)
+            backdoor_meta = self.store.load_json(
+                self.store.dir("backdoor", digest(cell.backdoor_ident())) / "meta.json")
+
+        trainer = self.trainer(cell)
+        observations: list[dict] = []
+        eval_trainer = Trainer(device=trainer.device, recipe=cell.recipe, **self.trainer_options)
+
+        def observe(tag, model):
+            observations.append({"tag": tag, **evaluate(eval_trainer, model, ds.test, trig)})
+
+        ctx = DefenseContext(
+            train=ImageSet(poisoned.train.x, poisoned.train.y),  # no ground truth crosses this line
+            num_classes=ds.num_classes, make_model=lambda: trainer.prepare(self.make_model(cell, ds)),
+            trainer=trainer, seed=cell.seed,
+            clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, ds.num_classes, cell.seed)
+                           if cell.defense.uses_clean_data else None),
+            log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
+            _backdoored=(lambda: self.load_backdoored(cell)) if cell.defense.needs_backdoored_model else None,
+            _observer=observe)
+        t0 = time.time()
+        out = cell.defense.run(ctx)
+        if not isinstance(out, Outcome):
+            raise TypeError(f"{type(cell.defense).__name__}.run must return an Outcome, got {type(out).__name__}")
+        wall = time.time() - t0
+        n = len(poisoned.train)
+        row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig),
+               "wall_time_s": wall,
+               "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
+               "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
+               "info": out.info, "observations": observations, "key": digest(cell.result_ident())}
+        if backdoor_meta is not None:
+            row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "asr", "ra", "wall_time_s",
+                                                                 "epoch_equivalents")}
+        if out.flagged is not None:
+            row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
+        for name, m in out.extra_models.items():
+            row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig)
+        atomic_write_json(self.result_path(cell), row)
+        return row
+
+    # --- a whole matrix ---------------------------------------------------------------------------
+    def run(self, matrix: Matrix, progress=sys.stderr) -> list[CellOutcome]:
+        # group cells that share a poisoned set / backdoored model so each is built once
+        cells = sorted(matrix.cells, key=lambda c: (digest(c.backdoor_ident()), not c.defense.needs_backdoored_model))
+        outcomes: list[CellOutcome] = []
+        computed_times: list[float] = []
+        n = len(cells)
+        for i, cell in enumerate(cells, 1):
+            t0 = time.time()
+            if self.cached_result(cell) is not None:
+                outcomes.append(CellOutcome(cell, "cached", self.cached_result(cell)))
+                continue
+            handler = self._cell_log(cell)
+            try:
+                _say(progress, f"[{i}/{n}] {cell.label} ...")
+                row = self.run_cell(cell)
+                dt = time.time() - t0
+                computed_times.append(dt)
+                outcomes.append(CellOutcome(cell, "done", row, seconds=dt))
+                remaining = sum(1 for c in cells[i:] if self.cached_result(c) is None)
+                eta = remaining * sum(computed_times) / len(computed_times)
+                _say(progress, f"[{i}/{n}] {cell.label}: ACC {100 * row['acc']:.1f} ASR {100 * row['asr']:.1f} "
+                               f"({dt:.1f}s; {remaining} left, ETA {_fmt(eta)})")
+            except Exception as e:  # one failing cell must not stop the matrix
+                tb = traceback.format_exc()
+                log.error("cell %s failed:\n%s", cell.label, tb)
+                atomic_write_json(self.store.root / "failures" / f"{digest(cell.result_ident())}.json",
+                                  {"cell": cell.label, "error": repr(e), "traceback": tb})
+                outcomes.append(CellOutcome(cell, "failed", error=repr(e), seconds=time.time() - t0))
+                _say(progress, f"[{i}/{n}] {cell.label}: FAILED {e!r}")
+            finally:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+        return outcomes
+
+    def _cell_log(self, cell: Cell) -> logging.Handler:
+        path = self.store.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", cell.label) + ".log")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(h)
+        return h
+
+
+def _say(stream, msg):
+    if stream is not None:
+        print(msg, file=stream, flush=True)
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

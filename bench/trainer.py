@@ -1,0 +1,250 @@
+"""The one training loop every attack and defense shares.
+
+The training set stays a ``uint8`` tensor on the device; a batch is an index tensor.  Random
+crop (with zero padding) and horizontal flip run batched on the device, on ``uint8`` before the
+float conversion, so there is no per-sample Python and no PIL in the hot path.  What defenses
+need is an argument rather than a copy of this loop:
+
+* ``weights``: per-sample loss weights; a negative weight is gradient ascent (unlearning);
+* ``loss_fn(model, x, y, idx)``: a custom loss (CutMix, LGA), per-sample or scalar;
+* ``freeze_bn``: BatchNorm layers stay in eval mode (running statistics frozen);
+* ``extra_augment(x, generator)``: more batched augmentation on floats in [0, 1]
+  (PhysicalBA's transforms), applied before crop/flip;
+* ``on_epoch(epoch, model)``: a callback after each epoch.
+
+Lower-level pieces (:meth:`Trainer.load_batch`, :meth:`Trainer.optimizer`, :meth:`Trainer.step`)
+serve defenses with their own loop (e.g. AdvrBD pairs a learn batch with an unlearn batch).
+On CUDA the loop runs under bf16 autocast with channels_last; both are switches.
+
+Work is counted in samples through forward+backward (``train_samples``) and forward only
+(``eval_samples``), from which the runner reports training epoch-equivalents.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import ImageSet
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe.  Defaults suit the small CNN on CPU; matrices set the paper's."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    #: "onecycle" | "cosine" | "step" | "constant"
+    schedule: str = "onecycle"
+    #: for "step": epochs (as fractions of ``epochs``) where lr is multiplied by ``gamma``
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    #: zero padding of the random crop; 0 disables cropping
+    crop_padding: int = 4
+    flip: bool = True
+
+    SCHEDULES = ("onecycle", "cosine", "step", "constant")
+
+    def __post_init__(self):
+        if self.schedule not in self.SCHEDULES:
+            raise ValueError(f"recipe.schedule: '{self.schedule}' is not one of {list(self.SCHEDULES)}")
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+
+    def with_(self, **kw) -> "Recipe":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Batched random crop with zero padding: each image is shifted by up to ``padding`` px."""
+    if padding <= 0:
+        return x
+    b, c, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+    return xp.gather(2, rows).gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+@dataclass
+class Trainer:
+    """Trains and evaluates :class:`~bench.models.Classifier` models on uint8 image sets."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    recipe: Recipe = field(default_factory=Recipe)
+    #: channels_last memory format; None = on for CUDA and CPU (measured faster for convs on both)
+    channels_last: bool | None = None
+    #: bf16 autocast; None = on for CUDA only
+    bf16: bool | None = None
+    #: wrap models with torch.compile (CUDA mostly; off by default)
+    compile: bool = False
+    eval_batch_size: int = 512
+    train_samples: int = 0
+    eval_samples: int = 0
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        cuda = self.device.type == "cuda"
+        if self.channels_last is None:
+            self.channels_last = True
+        if self.bf16 is None:
+            self.bf16 = cuda
+        self._device_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- placement ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """The device copy of a host tensor, made once and reused."""
+        if t.device == self.device:
+            return t
+        key = id(t)
+        hit = self._device_copies.get(key)
+        if hit is None or hit[0] is not t:
+            hit = (t, t.to(self.device, non_blocking=True))
+            self._device_copies[key] = hit
+        return hit[1]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.bf16))
+
+    def to_float(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = x_uint8.to(self.device, non_blocking=True).float().div_(255)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # --- training ----------------------------------------------------------------------------
+    def load_batch(self, data: ImageSet, idx: torch.Tensor, gen: torch.Generator, augment: bool = True,
+                   extra_augment: Callable | None = None, recipe: Recipe | None = None):
+        """Gather a batch by index and augment it on the device: returns float x in [0,1], labels."""
+        r = recipe or self.recipe
+        xs, ys = self.on_device(data.x), self.on_device(data.y)
+        idx = idx.to(self.device)
+        x, y = xs[idx], ys[idx]
+        if extra_augment is not None and augment:
+            x = (extra_augment(x.float().div(255), gen).clamp(0, 1) * 255).round().to(torch.uint8)
+        if augment:
+            x = random_crop(x, r.crop_padding, gen)
+            if r.flip:
+                x = random_flip(x, gen)
+        return self.to_float(x), y
+
+    def optimizer(self, model: nn.Module, recipe: Recipe | None = None, lr: float | None = None):
+        r = recipe or self.recipe
+        return torch.optim.SGD(model.parameters(), lr=lr if lr is not None else r.lr, momentum=r.momentum,
+                               weight_decay=r.weight_decay, nesterov=r.nesterov and r.momentum > 0)
+
+    @staticmethod
+    def scheduler(opt, recipe: Recipe, steps_per_epoch: int):
+        total = max(1, recipe.epochs * steps_per_epoch)
+        if recipe.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                       total_steps=total, pct_start=0.25)
+        if recipe.schedule == "cosine":
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        if recipe.schedule == "step":
+            marks = [round(m * recipe.epochs) * steps_per_epoch for m in recipe.milestones]
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: recipe.gamma ** sum(s >= m for m in marks))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def step(self, model, opt, loss: torch.Tensor, n: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.train_samples += n
+
+    def loss(self, model, x, y, idx, weights=None, loss_fn=None) -> torch.Tensor:
+        """Mean over the batch of ``weight * per-sample loss`` (plain CE by default)."""
+        with self._autocast():
+            per = loss_fn(model, x, y, idx) if loss_fn is not None else \
+                F.cross_entropy(model(x).float(), y, reduction="none")
+        if per.dim() == 0:
+            return per
+        if weights is not None:
+            per = per * weights
+        return per.mean()
+
+    def fit(self, model: nn.Module, data: ImageSet, *, indices=None, weights=None, loss_fn=None,
+            epochs: int | None = None, lr: float | None = None, schedule: str | None = None,
+            augment: bool = True, extra_augment: Callable | None = None, freeze_bn: bool = False,
+            on_epoch: Callable | None = None, seed: int = 0, recipe: Recipe | None = None) -> nn.Module:
+        """Train ``model`` in place on ``data[indices]`` (default: all) and return it."""
+        r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
+        model = self.prepare(model)
+        gen = torch.Generator().manual_seed(seed)
+        pool = torch.arange(len(data)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        w_all = None if weights is None else self.on_device(torch.as_tensor(weights, dtype=torch.float32))
+        if len(pool) == 0 or r.epochs <= 0:
+            return model
+        steps = math.ceil(len(pool) / r.batch_size)
+        opt = self.optimizer(model, r)
+        sched = self.scheduler(opt, r, steps)
+        for epoch in range(r.epochs):
+            model.train()
+            if freeze_bn:
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            order = pool[torch.randperm(len(pool), generator=gen)]
+            for b in range(steps):
+                idx = order[b * r.batch_size:(b + 1) * r.batch_size]
+                x, y = self.load_batch(data, idx, gen, augment, extra_augment, r)
+                w = None if w_all is None else w_all[idx.to(self.device)]
+                self.step(model, opt, self.loss(model, x, y, idx, w, loss_fn), len(idx))
+                sched.step()
+            if on_epoch is not None:
+                on_epoch(epoch, model)
+        model.eval()
+        return model
+
+    # --- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _map(self, model, x_uint8: torch.Tensor, fn) -> torch.Tensor:
+        model.eval()
+        out = []
+        for i in range(0, len(x_uint8), self.eval_batch_size):
+            xb = self.to_float(x_uint8[i:i + self.eval_batch_size])
+            with self._autocast():
+                out.append(fn(xb).float().cpu())
+            self.eval_samples += len(xb)
+        return torch.cat(out) if out else torch.empty(0)
+
+    def logits(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self._map(model, x_uint8, model)
+
+    def predict(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self.logits(model, x_uint8).argmax(1)
+
+    def features(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self._map(model, x_uint8, model.features)
+
+    def per_sample_loss(self, model, data: ImageSet) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, data.x), data.y, reduction="none")
+
+    def accuracy(self, model, data: ImageSet) -> float:
+        if len(data) == 0:
+            return float("nan")
+        return (self.predict(model, data.x) == data.y).float().mean().item()

@@ -1,0 +1,88 @@
+"""The :class:`Defense` base class and what a defense is given.
+
+A defense is a dataclass whose fields are its hyperparameters, with one method::
+
+    def run(self, ctx: DefenseContext) -> Outcome
+
+``ctx`` holds the poisoned training set as a defender sees it (images and given labels, no
+ground truth), a model factory, the shared :class:`~bench.trainer.Trainer`, the cached
+backdoored model (built lazily, a fresh copy each call), the clean reserve (only for defenses
+that declare ``uses_clean_data``), a seeded generator and a logger.  A defense needs no paths,
+no device code and no argparse: one file of the method's own logic.
+
+``ctx.observe(tag, model)`` lets a defense hand intermediate models to the harness, which
+evaluates them with the ground truth it keeps to itself (ACC/ASR per round, for plots); the
+defense gets nothing back, so it cannot select on test data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from bench.data import ImageSet
+from bench.trainer import Trainer
+
+
+@dataclass
+class Outcome:
+    model: nn.Module
+    #: indices of the training samples the defense believes are poisoned (for TPR/FPR)
+    flagged: torch.Tensor | None = None
+    #: diagnostics (JSON-able) stored with the result
+    info: dict[str, Any] = field(default_factory=dict)
+    #: further models to evaluate and report, e.g. {"relearn": model}
+    extra_models: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class DefenseContext:
+    train: ImageSet
+    num_classes: int
+    make_model: Callable[[], nn.Module]
+    trainer: Trainer
+    seed: int = 0
+    clean_reserve: ImageSet | None = None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("bench.defense"))
+    _backdoored: Callable[[], nn.Module] | None = None
+    _observer: Callable[[str, nn.Module], None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    @property
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def backdoored_model(self) -> nn.Module:
+        """A fresh copy of the model trained undefended on the poisoned set (cached)."""
+        if self._backdoored is None:
+            raise RuntimeError("this defense did not declare needs_backdoored_model = True")
+        return self._backdoored()
+
+    def observe(self, tag: str, model: nn.Module) -> None:
+        """Record ACC/ASR of an intermediate model (evaluated by the harness, not returned)."""
+        if self._observer is not None:
+            self._observer(tag, model)
+
+
+@dataclass
+class Defense:
+    """Base class of all defenses."""
+
+    key: ClassVar[str] = ""
+    #: bump when the defense's output changes, so cached results are recomputed
+    version: ClassVar[int] = 1
+    #: starts from the cached backdoored model (post-training repair)
+    needs_backdoored_model: ClassVar[bool] = False
+    #: needs the clean reserve (breaks the no-clean-data threat model; shown in the report)
+    uses_clean_data: ClassVar[bool] = False
+    #: the name shown in reports (defaults to the key)
+    display_name: ClassVar[str] = ""
+
+    def run(self, ctx: DefenseContext) -> Outcome:
+        raise NotImplementedError
