@@ -14,7 +14,6 @@ Artifacts in the store (see :mod:`bench.store`):
 from __future__ import annotations
 
 import logging
-import math
 import re
 import sys
 import time
@@ -43,14 +42,17 @@ def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: i
     guarantee cleanliness, as the threat model of FineTuning/FinePruning assumes).
     """
     n = int(ratio * len(poisoned.train))
-    clean = ~(poisoned.is_poison | poisoned.is_cover)
+    clean = (~(poisoned.is_poison | poisoned.is_cover)).nonzero().squeeze(1)
     gen = torch.Generator().manual_seed(seed + 7919)
-    per_class, picked = math.ceil(n / num_classes), []
+    clean = clean[torch.randperm(len(clean), generator=gen)]
+    y = poisoned.y_orig[clean]
+    rank = torch.empty_like(y)  # position of each sample within its class (random order)
     for c in range(num_classes):
-        idx = (clean & (poisoned.y_orig == c)).nonzero().squeeze(1)
-        picked.append(idx[torch.randperm(len(idx), generator=gen)][:per_class])
-    idx = torch.cat(picked)
-    idx = idx[torch.randperm(len(idx), generator=gen)][:n].sort().values
+        where = (y == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    # round-robin over classes: all first-of-class samples, then all second-of-class, ...
+    order = torch.argsort(rank * num_classes + y, stable=True)
+    idx = clean[order[:n]].sort().values
     return ImageSet(poisoned.train.x[idx], poisoned.y_orig[idx])
 
 

@@ -42,8 +42,10 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
-    #: "onecycle" | "cosine" | "step" | "constant"
+    #: "onecycle" (linear warm-up, then cosine) | "cosine" | "step" | "constant"
     schedule: str = "onecycle"
+    #: for "onecycle": fraction of the steps spent warming up
+    warmup: float = 0.25
     #: for "step": epochs (as fractions of ``epochs``) where lr is multiplied by ``gamma``
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
@@ -159,9 +161,11 @@ class Trainer:
     @staticmethod
     def scheduler(opt, recipe: Recipe, steps_per_epoch: int):
         total = max(1, recipe.epochs * steps_per_epoch)
-        if recipe.schedule == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                       total_steps=total, pct_start=0.25)
+        if recipe.schedule == "onecycle":  # linear warm-up from lr/25, then cosine to zero
+            warm = max(1, int(recipe.warmup * total))
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (
+                1 / 25 + (1 - 1 / 25) * s / warm if s < warm
+                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))))
         if recipe.schedule == "cosine":
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         if recipe.schedule == "step":

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+#: the recipe the end-to-end tests use: tiny, but enough for BadNet on digits
+TINY_RECIPE = {"epochs": 12, "batch_size": 64, "lr": 0.05, "crop_padding": 1, "flip": False}
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from bench.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def cifar_npz():
+    path = SHARED_DATA / "cifar10.npz"
+    if not path.exists():
+        pytest.skip("../shared/data/cifar10.npz not available")
+    return path
+
+
+def matrix_dict(**over):
+    raw = {"name": "t", "datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [0], "recipe": dict(TINY_RECIPE),
+           "attacks": ["badnet"], "defenses": ["undefended"]}
+    raw.update(over)
+    return raw
+
+
+@pytest.fixture
+def python_env():
+    """Environment for subprocesses that run the CLI from the repository."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env, sys.executable
