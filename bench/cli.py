@@ -41,15 +41,24 @@ def _setup(args):
 
 
 def cmd_run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .schedule import dry_run_text, execute, parse_devices, plan, select
+
     matrix, runner = _setup(args)
+    try:
+        slots = parse_devices(args.devices or args.device, args.jobs_per_device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if args.threads:
+        slots = [type(s)(s.device, args.threads) for s in slots]
+    runner.device = slots[0].device
+    torch.set_num_threads(slots[0].threads if len(slots) == 1 else torch.get_num_threads())
+    cells = select(matrix.cells, args.only or [])
+    p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
-        for c in matrix.cells:
-            print(("cached " if runner.cached_result(c) else "todo   ") + c.label)
+        print(dry_run_text(p, runner))
         return 0
-    print(f"matrix '{matrix.name}': {len(matrix.cells)} cells -> {runner.store.root}", file=sys.stderr)
-    outcomes = runner.run(matrix)
+    print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
+    outcomes = execute(p, runner, slots, executor=args.executor)
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
@@ -104,8 +113,17 @@ def main(argv=None) -> int:
 
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and whether they are cached")
+    r.add_argument("--devices", help="device slots: auto | cpu | cuda | cuda:0,cuda:1 (default: --device)")
+    r.add_argument("--jobs-per-device", type=int, default=1, help="worker processes per device (default 1)")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray tasks (pip install -e '.[ray]')")
+    r.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per worker (default: the CPU's cores divided among workers)")
+    r.add_argument("--only", action="append", metavar="KEY=V[,V]",
+                   help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
+    r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the cells, the trainings to execute (vs naive) and a cost estimate")
     r.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report", help="render tables from a matrix's finished cells")
     common(rep)

@@ -35,7 +35,7 @@ from defenses import DEFENSES, Defense
 
 from .data import DATASET_INFO
 from .models import MODELS
-from .registry import ConfigError, build, closest, params_of
+from .registry import ConfigError, build, closest, label, params_of
 from .trainer import Recipe
 
 #: bump when the harness changes how any artifact is computed
@@ -89,7 +89,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset.label}/{self.model}/{self.attack.key}/{self.defense.key}/seed{self.seed}"
+        return f"{self.dataset.label}/{self.model}/{label(self.attack)}/{label(self.defense)}/seed{self.seed}"
 
     def row(self) -> dict[str, Any]:
         """The cell's parameters, flattened for the results table."""
@@ -98,7 +98,7 @@ class Cell:
                 "attack_params": params_of(self.attack), "defense_params": params_of(self.defense),
                 "recipe": self.recipe.as_dict(),
                 "clean_data": self.reserve_ratio if self.defense.uses_clean_data else 0.0,
-                "defense_name": self.defense.display_name or self.defense.key}
+                "attack_name": label(self.attack), "defense_name": label(self.defense)}
 
 
 @dataclass

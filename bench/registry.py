@@ -162,6 +162,20 @@ def params_of(obj) -> dict:
     return out
 
 
+def label(obj) -> str:
+    """Display name plus the parameters that differ from the class defaults: ``BadNet(poison_ratio=0.1)``."""
+    name = getattr(obj, "display_name", "") or obj.key
+    default = {}
+    for f in dataclasses.fields(obj):
+        if f.default is not dataclasses.MISSING:
+            default[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default[f.name] = f.default_factory()
+    diff = [f"{k}={v}" for k, v in params_of(obj).items()
+            if k in default and (list(default[k]) if isinstance(default[k], tuple) else default[k]) != v]
+    return f"{name}({', '.join(diff)})" if diff else name
+
+
 def describe(cls) -> str:
     """First line of the class docstring."""
     doc = (cls.__doc__ or "").strip()

@@ -43,7 +43,7 @@ def collect(matrix: Matrix, runner: Runner) -> tuple[list[dict], list[str]]:
         if r is None:
             missing.append(cell.label)
         else:
-            rows.append({**r, "attack_name": cell.attack.display_name or cell.attack.key})
+            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")}})
     return rows, missing
 
 

@@ -17,7 +17,6 @@ import logging
 import re
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +149,11 @@ class Runner:
         cached = self.cached_result(cell)
         if cached is not None:
             return cached
+        with self.store.lock("result", digest(cell.result_ident())):
+            cached = self.cached_result(cell)  # another process may have finished it meanwhile
+            return cached if cached is not None else self._run_cell(cell)
+
+    def _run_cell(self, cell: Cell) -> dict:
         ds = self.dataset(cell)
         poisoned, trig = self.poisoned(cell)
         backdoor_meta = None
@@ -196,41 +200,20 @@ class Runner:
         return row
 
     # --- a whole matrix ---------------------------------------------------------------------------
-    def run(self, matrix: Matrix, progress=sys.stderr) -> list[CellOutcome]:
-        # group cells that share a poisoned set / backdoored model so each is built once
-        cells = sorted(matrix.cells, key=lambda c: (digest(c.backdoor_ident()), not c.defense.needs_backdoored_model))
-        outcomes: list[CellOutcome] = []
-        computed_times: list[float] = []
-        n = len(cells)
-        for i, cell in enumerate(cells, 1):
-            t0 = time.time()
-            if self.cached_result(cell) is not None:
-                outcomes.append(CellOutcome(cell, "cached", self.cached_result(cell)))
-                continue
-            handler = self._cell_log(cell)
-            try:
-                _say(progress, f"[{i}/{n}] {cell.label} ...")
-                row = self.run_cell(cell)
-                dt = time.time() - t0
-                computed_times.append(dt)
-                outcomes.append(CellOutcome(cell, "done", row, seconds=dt))
-                remaining = sum(1 for c in cells[i:] if self.cached_result(c) is None)
-                eta = remaining * sum(computed_times) / len(computed_times)
-                _say(progress, f"[{i}/{n}] {cell.label}: ACC {100 * row['acc']:.1f} ASR {100 * row['asr']:.1f} "
-                               f"({dt:.1f}s; {remaining} left, ETA {_fmt(eta)})")
-            except Exception as e:  # one failing cell must not stop the matrix
-                tb = traceback.format_exc()
-                log.error("cell %s failed:\n%s", cell.label, tb)
-                atomic_write_json(self.store.root / "failures" / f"{digest(cell.result_ident())}.json",
-                                  {"cell": cell.label, "error": repr(e), "traceback": tb})
-                outcomes.append(CellOutcome(cell, "failed", error=repr(e), seconds=time.time() - t0))
-                _say(progress, f"[{i}/{n}] {cell.label}: FAILED {e!r}")
-            finally:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-        return outcomes
+    def run(self, matrix: Matrix, progress=sys.stderr, retry_failed: bool = True) -> list[CellOutcome]:
+        """Run every cell of ``matrix`` in this process (see :mod:`bench.schedule` for workers)."""
+        from .schedule import execute, plan
 
-    def _cell_log(self, cell: Cell) -> logging.Handler:
+        return execute(plan(matrix.cells, self, retry_failed), self, slots=None, progress=progress)
+
+    def failure_path(self, cell: Cell):
+        return self.store.root / "failures" / f"{digest(cell.result_ident())}.json"
+
+    def record_failure(self, cell: Cell, error: str, tb: str) -> None:
+        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": error, "traceback": tb})
+
+    def cell_log(self, cell: Cell) -> logging.Handler:
+        """Attach a log file for this cell to the root logger (the caller removes it)."""
         path = self.store.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", cell.label) + ".log")
         path.parent.mkdir(parents=True, exist_ok=True)
         h = logging.FileHandler(path)
@@ -239,12 +222,3 @@ class Runner:
         return h
 
 
-def _say(stream, msg):
-    if stream is not None:
-        print(msg, file=stream, flush=True)
-
-
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

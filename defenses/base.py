@@ -81,6 +81,8 @@ class Defense:
     needs_backdoored_model: ClassVar[bool] = False
     #: needs the clean reserve (breaks the no-clean-data threat model; shown in the report)
     uses_clean_data: ClassVar[bool] = False
+    #: whether running the defense trains (for the planner's training counts)
+    trains: ClassVar[bool] = True
     #: the name shown in reports (defaults to the key)
     display_name: ClassVar[str] = ""
 

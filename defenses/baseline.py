@@ -13,6 +13,7 @@ class Undefended(Defense):
     """No defense: the backdoored model as trained on the poisoned set."""
 
     needs_backdoored_model = True
+    trains = False
     display_name = "No Defense"
 
     def run(self, ctx: DefenseContext) -> Outcome:

@@ -80,7 +80,7 @@ def test_users_own_defense_from_their_module(tmp_path, python_env):
     assert res["defense_params"] == {"drop": 0.2}
     assert res["detection"]["flagged"] == int(0.2 * res["n_train"])
     table = (tmp_path / "rep" / "t" / "tables.md").read_text()
-    assert "mydefs:RetrainWithoutLowLoss ACC" in table
+    assert "mydefs:RetrainWithoutLowLoss(drop=0.2) ACC" in table
     # unknown parameter of the user's class is caught before any work
     raw["defenses"] = [{"name": "mydefs:RetrainWithoutLowLoss", "dorp": 0.2}]
     r = _run(py, env, ["run", str(_write(tmp_path, raw)), "--output", str(tmp_path / "runs2")], tmp_path)

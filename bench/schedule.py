@@ -1,0 +1,300 @@
+"""Planning and executing a matrix: a small task graph over device slots.
+
+The plan has two kinds of task: *backdoor* (train the undefended model of one poisoned set; each
+is computed once, whatever number of defenses use it) and *cell* (run one defense and evaluate).
+A cell that repairs a trained model waits for its backdoor task; every other cell can start at
+once.  Backdoor tasks are submitted first, so the models many cells wait on come early.
+
+Executors:
+
+* serial: in this process (the default with one slot);
+* local: one worker process per device slot (``--devices``, ``--jobs-per-device``), CPU threads
+  divided among the workers;
+* Ray (``--executor ray``, optional extra ``ray``): every task a Ray task asking for a GPU
+  when its slot is a CUDA device; works on a cluster started with ``ray start``.
+
+A failing task is recorded with its traceback; the other tasks go on.  Cells whose failure is
+recorded from an earlier run are skipped unless ``retry_failed``.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from statistics import mean
+
+import torch
+
+from .matrix import Cell
+from .store import digest
+
+log = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class Slot:
+    device: str
+    threads: int
+
+
+def parse_devices(spec: str, jobs_per_device: int = 1) -> list[Slot]:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:0,cuda:1`` -> one slot per job."""
+    if jobs_per_device < 1:
+        raise ValueError("--jobs-per-device must be >= 1")
+    if spec == "auto":
+        spec = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) or "cpu"
+    if spec == "cuda":
+        spec = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+        if not spec:
+            raise ValueError("--devices: 'cuda' requested but no CUDA device is available")
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in devices:
+        if not (d == "cpu" or d.startswith("cuda")):
+            raise ValueError(f"--devices: '{d}' is not 'cpu', 'cuda' or 'cuda:N'")
+    n = len(devices) * jobs_per_device
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [Slot(d, threads) for d in devices for _ in range(jobs_per_device)]
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    cached: list[Cell] = field(default_factory=list)
+    failed_before: list[Cell] = field(default_factory=list)
+    todo: list[Cell] = field(default_factory=list)
+    backdoors: dict[str, Cell] = field(default_factory=dict)  # key -> a cell that needs it
+
+    def trainings(self) -> tuple[int, int]:
+        """(trainings this run will execute, trainings of a naive cell-by-cell pipeline)."""
+        naive = sum(int(c.defense.needs_backdoored_model) + int(c.defense.trains) for c in self.cells)
+        actual = len(self.backdoors) + sum(int(c.defense.trains) for c in self.todo)
+        return actual, naive
+
+
+FILTER_KEYS = ("dataset", "model", "attack", "defense", "seed")
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """Keep cells matching every ``key=value[,value...]`` filter (e.g. ``attack=badnet,blend``)."""
+    from .registry import ConfigError
+
+    for f in only:
+        key, eq, values = f.partition("=")
+        if not eq or key not in FILTER_KEYS:
+            raise ConfigError(f"--only: '{f}' is not KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
+        allowed = set(values.split(","))
+        get = {"dataset": lambda c: c.dataset.name, "model": lambda c: c.model, "attack": lambda c: c.attack.key,
+               "defense": lambda c: c.defense.key, "seed": lambda c: str(c.seed)}[key]
+        cells = [c for c in cells if get(c) in allowed]
+    return cells
+
+
+def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
+    p = Plan(list(cells))
+    for c in cells:
+        if runner.cached_result(c) is not None:
+            p.cached.append(c)
+        elif not retry_failed and runner.failure_path(c).exists():
+            p.failed_before.append(c)
+        else:
+            p.todo.append(c)
+            if c.defense.needs_backdoored_model:
+                key = digest(c.backdoor_ident())
+                if key not in p.backdoors and not runner.store.load_json(
+                        runner.store.dir("backdoor", key) / "meta.json"):
+                    p.backdoors[key] = c
+    return p
+
+
+def estimate_seconds(p: Plan, runner) -> float | None:
+    """Estimated serial compute time from finished work of the same kind in the store."""
+    seen: dict[tuple, list[float]] = defaultdict(list)
+    for path in (runner.store.root / "results").glob("*.json"):
+        r = runner.store.load_json(path) or {}
+        seen[("cell", r.get("dataset"), r.get("model"), r.get("defense"))].append(r.get("wall_time_s", 0))
+        if r.get("backdoor"):
+            seen[("backdoor", r.get("dataset"), r.get("model"))].append(r["backdoor"].get("wall_time_s") or 0)
+    total, known = 0.0, True
+    for c in p.backdoors.values():
+        t = seen.get(("backdoor", c.dataset.name, c.model))
+        total, known = (total + mean(t), known) if t else (total, False)
+    for c in p.todo:
+        t = seen.get(("cell", c.dataset.name, c.model, c.defense.key))
+        total, known = (total + mean(t), known) if t else (total, False)
+    return total if known else None
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+class Progress:
+    def __init__(self, total: int, workers: int, stream=sys.stderr):
+        self.total, self.workers, self.stream = total, workers, stream
+        self.done = self.failed = self.running = 0
+        self.durations: list[float] = []
+        self.t0 = time.time()
+
+    def line(self) -> str:
+        left = self.total - self.done - self.failed
+        eta = ""
+        if self.durations and left:
+            eta = f", ETA {fmt_seconds(left * mean(self.durations) / self.workers)}"
+        return (f"[{self.done + self.failed}/{self.total}] done {self.done}, running {self.running}, "
+                f"failed {self.failed}{eta}")
+
+    def say(self, msg: str) -> None:
+        if self.stream is not None:
+            print(f"{msg}  | {self.line()}", file=self.stream, flush=True)
+
+
+def fmt_seconds(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --- task bodies (run in this process or in a worker) -----------------------------------------
+
+def _run_task(runner, kind: str, cell: Cell):
+    handler = runner.cell_log(cell)
+    t0 = time.time()
+    try:
+        if kind == "backdoor":
+            runner.backdoored(cell)
+            return "done", None, None, time.time() - t0
+        return "done", runner.run_cell(cell), None, time.time() - t0
+    except Exception as e:  # recorded, reported, and the matrix goes on
+        tb = traceback.format_exc()
+        log.error("%s %s failed:\n%s", kind, cell.label, tb)
+        return "failed", repr(e), tb, time.time() - t0
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+_WORKER_RUNNER = None
+
+
+def _init_worker(slots, store_root, data_root, trainer_options):
+    global _WORKER_RUNNER
+    from .runner import Runner
+    from .store import Store
+
+    slot = slots.get()
+    torch.set_num_threads(slot.threads)
+    logging.getLogger("bench").setLevel(logging.INFO)
+    _WORKER_RUNNER = Runner(Store(store_root), device=slot.device, data_root=data_root,
+                            trainer_options=trainer_options)
+
+
+def _worker_task(kind, cell):
+    return _run_task(_WORKER_RUNNER, kind, cell)
+
+
+# --- execution -------------------------------------------------------------------------------
+
+def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, executor: str = "local"):
+    """Run the plan; returns one :class:`~bench.runner.CellOutcome` per cell, in matrix order."""
+    from .runner import CellOutcome
+
+    outcomes: dict[int, CellOutcome] = {}
+    for c in p.cached:
+        outcomes[id(c)] = CellOutcome(c, "cached", runner.cached_result(c))
+    for c in p.failed_before:
+        rec = runner.store.load_json(runner.failure_path(c)) or {}
+        outcomes[id(c)] = CellOutcome(c, "failed", error=f"failed in an earlier run: {rec.get('error')} "
+                                                         f"(--retry-failed reruns it)")
+    workers = len(slots) if slots else 1
+    prog = Progress(len(p.todo), workers, progress)
+    if p.todo and progress is not None:
+        actual, naive = p.trainings()
+        print(f"{len(p.cells)} cells: {len(p.cached)} cached, {len(p.todo)} to run "
+              f"({actual} trainings; {naive} without the cache), {workers} worker(s)", file=progress, flush=True)
+
+    def finish(cell, status, payload, tb, seconds):
+        if status == "done":
+            prog.done += 1
+            prog.durations.append(seconds)
+            outcomes[id(cell)] = CellOutcome(cell, "done", payload, seconds=seconds)
+            asr = payload["asr"]
+            prog.say(f"{cell.label}: ACC {100 * payload['acc']:.1f} ASR {100 * asr:.1f} ({seconds:.1f}s)")
+        else:
+            prog.failed += 1
+            runner.record_failure(cell, payload, tb or "")
+            outcomes[id(cell)] = CellOutcome(cell, "failed", error=payload, seconds=seconds)
+            prog.say(f"{cell.label}: FAILED {payload}")
+
+    waiting = defaultdict(list)  # backdoor key -> cells
+    ready = []
+    for c in p.todo:
+        key = digest(c.backdoor_ident())
+        (waiting[key] if key in p.backdoors else ready).append(c)
+
+    if executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
+        for key, c in p.backdoors.items():
+            status, err, tb, dt = _run_task(runner, "backdoor", c)
+            if status == "done":
+                ready.extend(waiting.pop(key))
+            else:
+                for cell in waiting.pop(key):
+                    finish(cell, "failed", f"backdoored model failed: {err}", tb, 0.0)
+        # cells grouped by poisoned set so each is built once in memory
+        for c in sorted(ready, key=lambda c: digest(c.backdoor_ident())):
+            prog.running = 1
+            finish(c, *_run_task(runner, "cell", c))
+        prog.running = 0
+    elif executor == "ray":
+        from .ray_executor import run_ray
+
+        run_ray(p, runner, slots, waiting, ready, finish, prog)
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        for s in slots:
+            queue.put(s)
+        with ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(queue, str(runner.store.root), runner.data_root,
+                                           runner.trainer_options)) as pool:
+            futures = {}
+            for key, c in p.backdoors.items():
+                futures[pool.submit(_worker_task, "backdoor", c)] = ("backdoor", key, c)
+            for c in ready:
+                futures[pool.submit(_worker_task, "cell", c)] = ("cell", None, c)
+            while futures:
+                prog.running = min(len(futures), len(slots))
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    kind, key, c = futures.pop(f)
+                    try:
+                        status, payload, tb, dt = f.result()
+                    except Exception as e:  # the worker process died
+                        status, payload, tb, dt = "failed", f"worker died: {e!r}", traceback.format_exc(), 0.0
+                    if kind == "cell":
+                        finish(c, status, payload, tb, dt)
+                    elif status == "done":
+                        for cell in waiting.pop(key):
+                            futures[pool.submit(_worker_task, "cell", cell)] = ("cell", None, cell)
+                    else:
+                        for cell in waiting.pop(key):
+                            finish(cell, "failed", f"backdoored model failed: {payload}", tb, 0.0)
+        prog.running = 0
+    return [outcomes[id(c)] for c in p.cells]
+
+
+def dry_run_text(p: Plan, runner) -> str:
+    actual, naive = p.trainings()
+    lines = [("cached  " if c in p.cached else "failed  " if c in p.failed_before else "todo    ") + c.label
+             for c in p.cells]
+    est = estimate_seconds(p, runner)
+    lines += ["", f"cells: {len(p.cells)} ({len(p.cached)} cached, {len(p.todo)} to run, "
+                  f"{len(p.failed_before)} failed earlier)",
+              f"backdoored models to train: {len(p.backdoors)}",
+              f"trainings to execute: {actual} (a naive cell-by-cell pipeline: {naive})",
+              "estimated compute: " + (fmt_seconds(est) + " (serial, from finished cells of the same kind)"
+                                       if est is not None else "unknown until cells of each kind have finished")]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+import pytest
+
+from bench.matrix import parse_matrix
+from bench.registry import ConfigError
+from bench.runner import Runner
+from bench.schedule import execute, parse_devices, plan, select
+from bench.store import Store
+from conftest import matrix_dict
+
+
+def test_parse_devices_divides_threads():
+    slots = parse_devices("cpu", 2)
+    assert [s.device for s in slots] == ["cpu", "cpu"]
+    assert all(s.threads >= 1 for s in slots)
+    assert len(parse_devices("cuda:0,cuda:1", 3)) == 6
+    with pytest.raises(ValueError, match="'tpu'"):
+        parse_devices("tpu")
+
+
+def test_only_filters_cells():
+    m = parse_matrix(matrix_dict(seeds=[0, 1], defenses=["undefended", "test_runner:Spy"]))
+    assert len(select(m.cells, ["seed=1"])) == 2
+    assert [c.defense.key for c in select(m.cells, ["defense=undefended", "seed=0"])] == ["undefended"]
+    with pytest.raises(ConfigError, match="--only"):
+        select(m.cells, ["colour=red"])
+
+
+def test_plan_counts_shared_backdoor_once(tmp_path):
+    m = parse_matrix(matrix_dict(seeds=[0, 1], defenses=["undefended", "test_runner:Spy", "test_runner:Broken"]))
+    p = plan(m.cells, Runner(Store(tmp_path)))
+    assert len(p.todo) == 6 and len(p.backdoors) == 2  # one per seed, shared by two defenses each
+    actual, naive = p.trainings()
+    # naive: every repairing cell trains its own backdoored model, plus the defense's own training
+    # (per seed: undefended 1 + 0, Spy 1 + 1, Broken 0 + 1)
+    assert naive == 2 * (1 + 2 + 1)
+    assert actual == 2 + 2 * 2  # two shared backdoored models, Spy and Broken per seed
+
+
+def test_two_workers_finish_everything(tmp_path):
+    m = parse_matrix(matrix_dict(seeds=[0, 1], recipe={**matrix_dict()["recipe"], "epochs": 2},
+                                 defenses=["undefended", "test_runner:Broken"]))
+    runner = Runner(Store(tmp_path))
+    outcomes = execute(plan(m.cells, runner), runner, parse_devices("cpu", 2), progress=None)
+    assert sorted(o.status for o in outcomes) == ["done", "done", "failed", "failed"]
+    assert len(list((tmp_path / "results").glob("*.json"))) == 2
+    assert len(list((tmp_path / "logs").glob("*.log"))) >= 2
+    # a failed cell is skipped (not retried) unless asked
+    p = plan(m.cells, runner, retry_failed=False)
+    assert len(p.failed_before) == 2 and not p.todo
