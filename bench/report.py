@@ -1,17 +1,24 @@
-"""Renders a matrix's results as paper-style tables.
+"""Renders a matrix's results as paper-style tables and figures.
 
 Per dataset and model: rows = attacks + Average, a column pair ACC/ASR per defense, seeds as
-mean ± std.  A comparison table puts our numbers beside the AdvrBD paper's
+mean ± std; beside it a comparison with the AdvrBD paper's published numbers
 (``bench/reference/advrbd_paper_tables.csv``, shipped with the package) where the same
-dataset/attack/defense was published, and a detection table shows TPR/FPR for defenses that
-flag samples.  Outputs: ``tables.md``, ``tables.csv`` and ``results.csv`` (one row per cell).
+dataset/attack/defense was published, a detection table (TPR/FPR/precision) for defenses that
+flag samples, and a cost table (wall time, epoch-equivalents, clean data used).
+
+Every table is built once as a :class:`Table` and rendered to Markdown (``tables.md``), LaTeX
+(``tables.tex``), CSV (``tables.csv``, long format) and one self-contained HTML page
+(``report.html``, figures embedded).  ``results.csv`` has one row per cell.
 """
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from statistics import mean, stdev
@@ -28,12 +35,32 @@ def paper_numbers() -> dict[tuple[str, str, str], tuple[float, float]]:
     return out
 
 
-def _ms(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def _vals(values) -> list[float]:
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def pct(values) -> str:
+    """Mean (± std over seeds) in percent."""
+    values = _vals(values)
     if not values:
         return "–"
     m = 100 * mean(values)
     return f"{m:.1f}" if len(values) == 1 else f"{m:.1f}±{100 * stdev(values):.1f}"
+
+
+@dataclass
+class Table:
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    bold_rows: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Section:
+    title: str
+    tables: list[Table]
 
 
 def collect(matrix: Matrix, runner: Runner) -> tuple[list[dict], list[str]]:
@@ -42,78 +69,155 @@ def collect(matrix: Matrix, runner: Runner) -> tuple[list[dict], list[str]]:
         r = runner.cached_result(cell)
         if r is None:
             missing.append(cell.label)
-        else:
-            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")}})
+        else:  # names from the matrix (labels include non-default parameters)
+            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
+                         "attack_display": cell.attack.display_name or cell.attack.key,
+                         "defense_display": cell.defense.display_name or cell.defense.key})
     return rows, missing
 
 
-def _group(rows):
+def group(rows):
     g = defaultdict(lambda: defaultdict(list))
     for r in rows:
         g[(r["dataset"], r["model"])][(r["attack_name"], r["defense_name"])].append(r)
     return g
 
 
-def markdown_tables(rows: list[dict]) -> str:
-    out = []
+def build_sections(rows: list[dict]) -> list[Section]:
     paper = paper_numbers()
-    for (dataset, model), cells in _group(rows).items():
+    sections = []
+    for (dataset, model), cells in group(rows).items():
         attacks = list(dict.fromkeys(a for a, _ in cells))
         defenses = list(dict.fromkeys(d for _, d in cells))
-        out.append(f"## {dataset} / {model}\n")
-        head = "| Attack | " + " | ".join(f"{d} ACC | {d} ASR" for d in defenses) + " |"
-        out += [head, "|" + "---|" * (1 + 2 * len(defenses))]
-        for a in attacks + ["Average"]:
-            vals = []
-            for d in defenses:
-                rs = [r for (aa, dd), v in cells.items() if dd == d and (aa == a or a == "Average") for r in v]
-                if a == "Average":  # average of per-attack means
-                    per = defaultdict(list)
-                    for r in rs:
-                        per[r["attack_name"]].append(r)
-                    accs = [mean(x["acc"] for x in v) for v in per.values()]
-                    asrs = [mean(x["asr"] for x in v if not math.isnan(x["asr"])) for v in per.values()]
-                    vals += [_ms([mean(accs)]) if accs else "–", _ms([mean(asrs)]) if asrs else "–"]
-                else:
-                    vals += [_ms([r["acc"] for r in rs]), _ms([r["asr"] for r in rs])]
-            out.append(f"| {'**Average**' if a == 'Average' else a} | " + " | ".join(vals) + " |")
-        clean = {r["defense_name"]: r.get("clean_data", 0.0) for v in cells.values() for r in v}
-        out.append("\nClean data used: " + ", ".join(f"{d} {100 * c:.0f}%" for d, c in clean.items()) + "\n")
+        tables = []
 
-        cmp = [(a, d) for (a, d) in cells if (dataset, a, d) in paper]
+        body = []
+        for a in attacks:
+            line = [a]
+            for d in defenses:
+                rs = cells.get((a, d), [])
+                line += [pct(r["acc"] for r in rs), pct(r["asr"] for r in rs)]
+            body.append(line)
+        avg = ["Average"]
+        for d in defenses:  # mean over attacks of the per-attack seed means
+            accs = [mean(_vals(r["acc"] for r in cells[(a, d)])) for a in attacks if _vals(r["acc"] for r in cells.get((a, d), []))]
+            asrs = [mean(_vals(r["asr"] for r in cells[(a, d)])) for a in attacks if _vals(r["asr"] for r in cells.get((a, d), []))]
+            avg += [pct([mean(accs)]) if accs else "–", pct([mean(asrs)]) if asrs else "–"]
+        body.append(avg)
+        header = ["Attack"] + [f"{d} {m}" for d in defenses for m in ("ACC", "ASR")]
+        tables.append(Table(f"ACC / ASR (%) on {dataset}, {model}", header, body,
+                            "mean ± std over seeds where there are several", {len(body) - 1}))
+
+        cmp = []
+        for (a, d), rs in cells.items():
+            key = (dataset, rs[0]["attack_display"], rs[0]["defense_display"])
+            if key in paper and a == rs[0]["attack_display"]:
+                pa, ps = paper[key]
+                cmp.append([a, d, pct(r["acc"] for r in rs), f"{pa:.1f}", pct(r["asr"] for r in rs), f"{ps:.1f}"])
         if cmp:
-            out += ["### Ours vs the AdvrBD paper (ResNet-18; our model and budget may differ)\n",
-                    "| Attack | Defense | ACC (ours) | ACC (paper) | ASR (ours) | ASR (paper) |",
-                    "|---|---|---|---|---|---|"]
-            for a, d in cmp:
-                pa, ps = paper[(dataset, a, d)]
-                rs = cells[(a, d)]
-                out.append(f"| {a} | {d} | {_ms([r['acc'] for r in rs])} | {pa:.1f} | "
-                           f"{_ms([r['asr'] for r in rs])} | {ps:.1f} |")
-            out.append("")
-        det = [(k, v) for k, v in cells.items() if any("detection" in r for r in v)]
+            tables.append(Table("Ours vs the AdvrBD paper", ["Attack", "Defense", "ACC (ours)", "ACC (paper)",
+                                                            "ASR (ours)", "ASR (paper)"], cmp,
+                                "the paper trains ResNet-18 for 100+ epochs; our model and budget may differ"))
+
+        det = []
+        for (a, d), rs in cells.items():
+            ds = [r["detection"] for r in rs if "detection" in r]
+            if ds:
+                det.append([a, d, pct(x["tpr"] for x in ds), pct(x["fpr"] for x in ds),
+                            pct(x["precision"] for x in ds)])
         if det:
-            out += ["### Detection of poisoned training samples\n", "| Attack | Defense | TPR | FPR | precision |",
-                    "|---|---|---|---|---|"]
-            for (a, d), v in det:
-                ds = [r["detection"] for r in v if "detection" in r]
-                out.append(f"| {a} | {d} | {_ms([x['tpr'] for x in ds])} | {_ms([x['fpr'] for x in ds])} | "
-                           f"{_ms([x['precision'] for x in ds])} |")
-            out.append("")
-        out += ["### Cost\n", "| Defense | wall time (s) | epoch-equivalents |", "|---|---|---|"]
+            tables.append(Table("Detection of poisoned training samples (%)",
+                                ["Attack", "Defense", "TPR", "FPR", "precision"], det))
+
         by_def = defaultdict(list)
-        for v in cells.values():
-            for r in v:
-                by_def[r["defense_name"]].append(r)
-        for d, rs in by_def.items():
-            out.append(f"| {d} | {mean(r['wall_time_s'] for r in rs):.1f} | "
-                       f"{mean(r['epoch_equivalents'] for r in rs):.2f} |")
-        out.append("")
+        for (a, d), rs in cells.items():
+            by_def[d] += rs
+        cost = [[d, f"{mean(r['wall_time_s'] for r in rs):.1f}", f"{mean(r['epoch_equivalents'] for r in rs):.2f}",
+                 f"{100 * max(r.get('clean_data', 0.0) for r in rs):.0f}%"] for d, rs in by_def.items()]
+        tables.append(Table("Cost per cell and clean data used", ["Defense", "wall time (s)", "epoch-equivalents",
+                                                                  "clean data"], cost,
+                            "the backdoored model's training is shared and not included"))
+        sections.append(Section(f"{dataset} / {model}", tables))
+    return sections
+
+
+# --- renderers --------------------------------------------------------------------------------
+
+def to_markdown(sections: list[Section]) -> str:
+    out = []
+    for s in sections:
+        out.append(f"## {s.title}\n")
+        for t in s.tables:
+            out += [f"**{t.caption}**\n", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+            for i, r in enumerate(t.rows):
+                cells = [f"**{c}**" if i in t.bold_rows else c for c in r]
+                out.append("| " + " | ".join(cells) + " |")
+            out.append(f"\n{t.note}\n" if t.note else "")
     return "\n".join(out)
 
 
-FLAT = ["dataset", "model", "attack", "defense", "defense_name", "seed", "acc", "asr", "ra", "clean_data",
-        "wall_time_s", "epoch_equivalents", "n_train", "n_poison", "n_cover", "tpr", "fpr", "precision", "key"]
+def _tex(s: str) -> str:
+    return (s.replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%").replace("_", "\\_")
+            .replace("#", "\\#").replace("±", "$\\pm$").replace("–", "--"))
+
+
+def to_latex(sections: list[Section]) -> str:
+    out = ["% generated by python -m bench report; needs \\usepackage{booktabs}"]
+    for s in sections:
+        for t in s.tables:
+            out += ["\\begin{table}[t]", "\\centering", "\\small",
+                    f"\\caption{{{_tex(s.title)}: {_tex(t.caption)}}}",
+                    "\\begin{tabular}{l" + "c" * (len(t.header) - 1) + "}", "\\toprule",
+                    " & ".join(_tex(h) for h in t.header) + " \\\\", "\\midrule"]
+            for i, r in enumerate(t.rows):
+                if i in t.bold_rows:
+                    out.append("\\midrule")
+                out.append(" & ".join(_tex(c) for c in r) + " \\\\")
+            out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
+
+
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
+th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f3f3f3}
+tr.avg td{font-weight:bold;border-top:2px solid #999}
+caption{text-align:left;font-weight:600;padding:4px 0}
+.note{color:#666;font-size:0.85em;margin-top:-1em}
+figure{display:inline-block;margin:0 1em 1em 0}
+figcaption{font-size:0.85em;color:#555}
+img{max-width:560px}
+"""
+
+
+def to_html(title: str, intro: str, sections: list[Section], figures: list[tuple[str, Path]]) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(intro)}</p>"]
+    for s in sections:
+        out.append(f"<h2>{e(s.title)}</h2>")
+        for t in s.tables:
+            out.append(f"<table><caption>{e(t.caption)}</caption><tr>" +
+                       "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
+            for i, r in enumerate(t.rows):
+                cls = " class='avg'" if i in t.bold_rows else ""
+                out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+            out.append("</table>" + (f"<p class='note'>{e(t.note)}</p>" if t.note else ""))
+    if figures:
+        out.append("<h2>Figures</h2>")
+        for caption, path in figures:
+            data = base64.b64encode(path.read_bytes()).decode()
+            out.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{e(caption)}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+FLAT = ["dataset", "model", "attack", "attack_name", "defense", "defense_name", "seed", "acc", "asr", "ra",
+        "clean_data", "wall_time_s", "epoch_equivalents", "n_train", "n_poison", "n_cover", "tpr", "fpr",
+        "precision", "key"]
 
 
 def flat_rows(rows: list[dict]) -> list[dict]:
@@ -125,15 +229,20 @@ def flat_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(matrix: Matrix, runner: Runner, out_dir: Path) -> tuple[Path, list[str]]:
+INTRO = ("ACC and ASR in %. ASR counts triggered test images whose true label is not the target "
+         "(TaCT: source class only); RA is the share of them classified as their true label.")
+
+
+def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = True) -> tuple[Path, list[str]]:
     rows, missing = collect(matrix, runner)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = f"# Results: {matrix.name}\n\nACC and ASR in %. ASR counts test images whose true label is not " \
-         f"the target (TaCT: source class only).\n\n" + markdown_tables(rows)
+    sections = build_sections(rows)
+    tail = ""
     if missing:
-        md += f"\n{len(missing)} cell(s) have no result yet: " + ", ".join(missing[:10]) + \
-              (" ..." if len(missing) > 10 else "") + "\n"
-    (out_dir / "tables.md").write_text(md)
+        tail = (f"\n{len(missing)} cell(s) have no result yet: " + ", ".join(missing[:10]) +
+                (" ..." if len(missing) > 10 else "") + "\n")
+    (out_dir / "tables.md").write_text(f"# Results: {matrix.name}\n\n{INTRO}\n\n" + to_markdown(sections) + tail)
+    (out_dir / "tables.tex").write_text(to_latex(sections))
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FLAT)
         w.writeheader()
@@ -141,10 +250,17 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path) -> tuple[Path, l
     with open(out_dir / "tables.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "model", "attack", "defense", "acc_mean", "acc_std", "asr_mean", "asr_std", "seeds"])
-        for (dataset, model), cells in _group(rows).items():
+        for (dataset, model), cells in group(rows).items():
             for (a, d), rs in cells.items():
-                acc, asr = [r["acc"] for r in rs], [r["asr"] for r in rs]
-                w.writerow([dataset, model, a, d, f"{100 * mean(acc):.2f}",
+                acc, asr = _vals(r["acc"] for r in rs), _vals(r["asr"] for r in rs)
+                w.writerow([dataset, model, a, d, f"{100 * mean(acc):.2f}" if acc else "",
                             f"{100 * stdev(acc):.2f}" if len(acc) > 1 else "",
-                            f"{100 * mean(asr):.2f}", f"{100 * stdev(asr):.2f}" if len(asr) > 1 else "", len(rs)])
+                            f"{100 * mean(asr):.2f}" if asr else "",
+                            f"{100 * stdev(asr):.2f}" if len(asr) > 1 else "", len(rs)])
+    figs = []
+    if figures and rows:
+        from .plots import make_figures
+
+        figs = make_figures(rows, out_dir / "figures")
+    (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", INTRO + tail, sections, figs))
     return out_dir / "tables.md", missing

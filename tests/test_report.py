@@ -1,0 +1,45 @@
+import csv
+
+from bench.report import build_sections, paper_numbers, to_html, to_latex, to_markdown
+from conftest import REPO
+
+
+def _row(attack, defense, acc, asr, seed=0, dataset="cifar10", **extra):
+    return {"dataset": dataset, "model": "small_cnn", "attack": attack.lower(), "attack_name": attack,
+            "attack_display": attack, "defense": defense.lower(), "defense_name": defense,
+            "defense_display": defense, "seed": seed, "acc": acc, "asr": asr, "wall_time_s": 1.0,
+            "epoch_equivalents": 2.0, "clean_data": 0.0, **extra}
+
+
+def test_paper_numbers_match_the_reference_csv():
+    paper = paper_numbers()
+    with open(REPO / "bench" / "reference" / "advrbd_paper_tables.csv") as f:
+        first = next(csv.DictReader(f))
+    assert paper[(first["dataset"], first["attack"], first["defense"])] == (float(first["acc"]), float(first["asr"]))
+
+
+def test_tables_average_seeds_and_attacks_and_show_the_paper():
+    rows = [_row("BadNet", "No Defense", 0.90, 0.95, 0), _row("BadNet", "No Defense", 0.80, 0.85, 1),
+            _row("Blend", "No Defense", 0.70, 0.50),
+            _row("BadNet", "ABL", 0.6, 0.1, detection={"tpr": 0.5, "fpr": 0.1, "precision": 0.8, "flagged": 3})]
+    [section] = build_sections(rows)
+    main = section.tables[0]
+    assert main.header == ["Attack", "No Defense ACC", "No Defense ASR", "ABL ACC", "ABL ASR"]
+    assert main.rows[0][:3] == ["BadNet", "85.0±7.1", "90.0±7.1"]
+    assert main.rows[-1][:3] == ["Average", "77.5", "70.0"]  # mean of per-attack means
+    assert main.rows[1][3:] == ["–", "–"]  # Blend has no ABL cell
+    cmp = next(t for t in section.tables if "paper" in t.caption)
+    pa, ps = paper_numbers()[("cifar10", "BadNet", "No Defense")]
+    assert ["BadNet", "No Defense", "85.0±7.1", f"{pa:.1f}", "90.0±7.1", f"{ps:.1f}"] in cmp.rows
+    det = next(t for t in section.tables if "Detection" in t.caption)
+    assert det.rows == [["BadNet", "ABL", "50.0", "10.0", "80.0"]]
+
+
+def test_renderers_carry_the_same_numbers():
+    sections = build_sections([_row("BadNet", "No Defense", 0.9, 0.95)])
+    md, tex = to_markdown(sections), to_latex(sections)
+    page = to_html("t", "intro", sections, [])
+    for text in (md, tex, page):
+        assert "90.0" in text and "95.0" in text
+    assert "\\begin{tabular}" in tex and "\\%" in tex
+    assert page.startswith("<!doctype html>") and "<table>" in page
