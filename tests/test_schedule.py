@@ -47,3 +47,18 @@ def test_two_workers_finish_everything(tmp_path):
     # a failed cell is skipped (not retried) unless asked
     p = plan(m.cells, runner, retry_failed=False)
     assert len(p.failed_before) == 2 and not p.todo
+
+
+def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2},
+                                 defenses=["undefended", "test_runner:Spy"]))
+    runner = Runner(Store(tmp_path))
+    try:
+        outcomes = execute(plan(m.cells, runner), runner, parse_devices("cpu", 2), progress=None, executor="ray")
+    finally:
+        ray.shutdown()
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert len(list((tmp_path / "backdoor").iterdir())) == 1  # shared by both cells
