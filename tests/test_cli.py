@@ -93,3 +93,19 @@ def test_list_names_every_component(python_env, tmp_path):
     assert r.returncode == 0
     for name in ("badnet", "undefended", "digits", "cifar10", "tiny_cnn", "resnet18", "mobilenet_v2"):
         assert f"  {name} " in r.stdout
+
+
+def test_two_runs_of_one_matrix_at_once(tmp_path, python_env):
+    env, py = python_env
+    raw = matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 4}, defenses=["undefended", "test_runner:Spy"])
+    path = _write(tmp_path, raw)
+    env = {**env, "PYTHONPATH": f"{os.path.dirname(__file__)}{os.pathsep}{env['PYTHONPATH']}"}
+    cmd = [py, "-m", "bench", "run", str(path), "--output", str(tmp_path / "runs"), "--threads", "1"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    logs = "".join(err for _, err in outs)
+    assert logs.count("training backdoored model") == 1  # the other process waited and reused it
+    results = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "results").glob("*.json")]
+    assert len(results) == 2

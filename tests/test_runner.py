@@ -1,4 +1,5 @@
 """End-to-end: a matrix through the runner on digits (seconds per cell)."""
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -122,3 +123,21 @@ def test_clean_reserve_is_clean_and_balanced(digits):
     clean_x = p.train.x[~p.is_poison]
     for x in r.x[:20]:
         assert bool((clean_x == x).flatten(1).all(1).any())
+
+
+def test_tampered_backdoor_checkpoint_is_recomputed(tmp_path):
+    m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2}))
+    runner = Runner(Store(tmp_path))
+    [first] = runner.run(m, progress=None)
+    [weights] = list((tmp_path / "backdoor").glob("*/weights.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for r in (tmp_path / "results").glob("*.json"):
+        r.unlink()  # force the cell to need its backdoored model again
+    [again] = Runner(Store(tmp_path)).run(m, progress=None)
+    assert again.status == "done"
+    assert again.result["acc"] == first.result["acc"]  # retrained identically (seeded CPU training)
+    from bench.store import sha256_file
+    meta = json.loads((weights.parent / "meta.json").read_text())
+    assert meta["sha256"] == sha256_file(weights)
