@@ -23,7 +23,9 @@ layer is ``body[2]``, otherwise ``body[1]``.  ``layer`` overrides it with an exp
 Masking is a :class:`ChannelMask` module appended to the pruned stage (a buffer, not a
 parameter), so it survives fine-tuning, ``deepcopy`` and ``state_dict``, and the model stays a
 :class:`~bench.models.Classifier`.  The mask sits on the stage's output, i.e. after BN/ReLU (and
-after the residual add), as the spec's pitfall note asks.
+after the residual add), as the spec's pitfall note asks.  The mask adds one buffer to the
+state dict (``body.<layer>.<n>.mask``): to reload a pruned checkpoint, call :func:`attach_mask` on
+a fresh model first.
 """
 from __future__ import annotations
 

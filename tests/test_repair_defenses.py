@@ -53,7 +53,7 @@ def test_registered_with_paper_display_names():
 @pytest.fixture(scope="module")
 def digits_model():
     ds = load_dataset("digits")
-    trainer = Trainer(recipe=Recipe(epochs=4, batch_size=64, crop_padding=2))
+    trainer = Trainer(recipe=Recipe(epochs=2, batch_size=32, crop_padding=2))
     model = build_model("small_cnn", ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
     torch.manual_seed(0)
     trainer.fit(model, ds.train, seed=0)
@@ -65,7 +65,7 @@ def test_finetuning_changes_weights_and_keeps_accuracy(digits_model):
     acc0 = trainer.accuracy(model, ds.test)
     assert acc0 > 0.6
     reserve = ds.train.subset(torch.arange(0, len(ds.train), 4))
-    out = FineTuning(epochs=3).run(make_ctx(model, trainer, reserve))
+    out = FineTuning(epochs=2).run(make_ctx(model, trainer, reserve))
     before, after = model.state_dict(), out.model.state_dict()
     changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert any("weight" in k for k in changed)
@@ -302,8 +302,8 @@ def test_cutmix_p0_is_plain_ce_and_clamp_range():
 
 @pytest.mark.slow
 def test_end_to_end_runner_digits(tmp_path):
-    raw = {"datasets": ["digits"], "models": ["small_cnn"], "seeds": [0],
-           "recipe": {"epochs": 4, "batch_size": 64, "crop_padding": 2}, "attacks": ["badnet"],
+    raw = {"datasets": [{"name": "digits", "train_limit": 700}], "models": ["small_cnn"], "seeds": [0],
+           "recipe": {"epochs": 2, "batch_size": 32, "crop_padding": 2}, "attacks": ["badnet"],
            "defenses": ["undefended", {"name": "finetuning", "epochs": 2},
                         {"name": "fineprune", "finetune_epochs": 2}, {"name": "fineprune", "preset": "advrbd"},
                         "clp", {"name": "cutmix", "repair_epochs": 1},
