@@ -210,6 +210,7 @@ def test_clp_constants_match_direct_svd_and_prune_above_threshold():
     gamma0, beta0 = bn.weight.detach().clone(), bn.bias.detach().clone()
     info = CLP(u=u).prune(model)
     assert set(info["layers"][0]["pruned"]) == expected and info["pairs"] == 1
+    assert info["layers"][0]["threshold"] == pytest.approx(ref.mean() + u * ref.std(ddof=1), rel=1e-4)
     keep = [k for k in range(16) if k not in expected]
     assert torch.all(bn.weight[list(expected)] == 0) and torch.all(bn.bias[list(expected)] == 0)
     assert torch.equal(bn.weight[keep], gamma0[keep]) and torch.equal(bn.bias[keep], beta0[keep])
