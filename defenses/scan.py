@@ -106,8 +106,9 @@ def split_statistic(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: torc
                     mu1: torch.Tensor, mu2: torch.Tensor, ridge: float = 1e-6) -> float:
     """Log-likelihood ratio (per sample) of the two-subgroup model against the one-mean model."""
     n = x.shape[0]
-    g = -_pinv(n * su + se, ridge)
-    mu = -(se @ g @ x.sum(0))
+    # the global model's shrinkage (posterior-mean) estimate of the class mean, as in its E-step:
+    # S_e pinv(n S_u + S_e) S_u F sum(x)  (= S_u (n S_u + S_e)^-1 sum(x))
+    mu = se @ _pinv(n * su + se, ridge) @ su @ f @ x.sum(0)
     b1 = mu @ f @ mu - mu1 @ f @ mu1
     b2 = mu @ f @ mu - mu2 @ f @ mu2
     n1 = int(z.sum())
