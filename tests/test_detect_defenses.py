@@ -212,7 +212,7 @@ def test_none_reset_zeroes_channel_and_consumer(toy):
 
 def test_end_to_end_through_runner(tmp_path):
     torch.set_num_threads(1)
-    raw = {"name": "detect", "datasets": [{"name": "digits", "train_limit": 500, "test_limit": 200}],
+    raw = {"name": "detect", "datasets": [{"name": "digits", "train_limit": 300, "test_limit": 100}],
            "models": ["small_cnn"], "recipe": {"epochs": 2, "batch_size": 64, "crop_padding": 2},
            "attacks": ["badnet"],
            "defenses": [{"name": "abl", "isolation_epochs": 1, "retrain_epochs": 1, "unlearn_epochs": 1},
