@@ -1,0 +1,80 @@
+"""Pieces shared by the detection defenses (ABL, DBR, SCAnFT, NONE).
+
+Epoch counts.  Every epoch field of these defenses defaults to the value of
+``specs/defenses.md`` and also accepts ``None``: then it is derived from the harness recipe as
+``max(1, round(fraction * recipe.epochs))``, where ``fraction`` is the spec value divided by the
+length of the training run the spec value belongs to (e.g. ABL's 20 isolation epochs out of a
+100-epoch schedule -> 0.2).  This keeps a defense's cost proportional to the undefended run
+when a CPU-scale matrix trains for 10 epochs instead of 100-200.  Each defense's docstring lists
+its fractions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.data import ImageSet
+
+from .base import DefenseContext
+
+
+def epochs_or_derived(value: int | None, ctx: DefenseContext, fraction: float) -> int:
+    """``value`` if given, else ``max(1, round(fraction * recipe.epochs))``."""
+    if value is not None:
+        return int(value)
+    return max(1, round(fraction * ctx.trainer.recipe.epochs))
+
+
+def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlearn_idx: torch.Tensor,
+                    learn_idx: torch.Tensor, epochs: int, lr: float, augment: bool = True,
+                    seed: int = 0, tag: str | None = None) -> nn.Module:
+    """The D-BR repair pattern: per epoch, one pass of gradient ascent on ``unlearn_idx``, then one
+    pass of ordinary descent on ``learn_idx``, with one SGD optimizer (recipe momentum and weight
+    decay) at a constant ``lr``.  Returns the last epoch's model (no selection)."""
+    trainer = ctx.trainer
+    model = trainer.prepare(model)
+    gen = torch.Generator().manual_seed(seed)
+    opt = trainer.optimizer(model, lr=lr)
+    bs = trainer.recipe.batch_size
+    unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
+    learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
+    for epoch in range(epochs):
+        model.train()
+        for pool, sign in ((unlearn_idx, -1.0), (learn_idx, 1.0)):
+            order = pool[torch.randperm(len(pool), generator=gen)]
+            for b in range(0, len(order), bs):
+                idx = order[b:b + bs]
+                x, y = trainer.load_batch(data, idx, gen, augment)
+                with trainer._autocast():
+                    loss = F.cross_entropy(model(x).float(), y)
+                trainer.step(model, opt, sign * loss, len(idx))
+        if tag is not None:
+            ctx.observe(f"{tag}{epoch + 1}", model)
+    model.eval()
+    return model
+
+
+def jenks_two_class(values: torch.Tensor) -> float:
+    """The exact two-class Jenks natural break of 1-D ``values``.
+
+    Sort, then for each split of the sorted values into a lower part ``v[:i]`` and an upper part
+    ``v[i:]`` (1 <= i < n) compute the total within-group sum of squared deviations from prefix
+    sums, ``SSE = sum(v^2) - (sum v)^2 / n`` per group, in O(n) after the O(n log n) sort.  The
+    break is the smallest value of the upper group of the best split (values >= break form the
+    upper class).  Computed in float64.
+    """
+    v = values.detach().double().flatten().sort().values
+    n = len(v)
+    if n < 2:
+        return float(v[0]) if n else math.nan
+    c1 = v.cumsum(0)
+    c2 = (v * v).cumsum(0)
+    i = torch.arange(1, n, dtype=torch.float64)       # size of the lower group
+    s_lo, q_lo = c1[:-1], c2[:-1]
+    s_hi, q_hi = c1[-1] - s_lo, c2[-1] - q_lo
+    sse = (q_lo - s_lo ** 2 / i) + (q_hi - s_hi ** 2 / (n - i))
+    best = int(torch.argmin(sse))
+    return float(v[best + 1])
