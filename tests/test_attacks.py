@@ -312,7 +312,8 @@ def test_small_cnn_on_digits_learns_badnet_and_blend():
 
     torch.set_num_threads(1)
     ds = load_dataset("digits")
-    recipe = Recipe(epochs=12, batch_size=64, lr=0.05, crop_padding=2)
+    # digits are not flip-invariant, and a flip sends the corner patch to the other corner
+    recipe = Recipe(epochs=8, batch_size=64, lr=0.05, crop_padding=2, flip=False)
     for attack in (BadNet(), Blend()):
         ps = attack.poison(ds.train, seed=0)
         trig = attack.test_set(ds.test)
