@@ -42,6 +42,12 @@ class AdaptivePatch(Attack):
     cover_ratio: float = 0.01
     #: seed of the procedural triggers (badge orientation, phoenix and trojan textures)
     trigger_seed: int = 0
+    #: badge diameter as a fraction of the image side (§9(b): 0.41)
+    logo_diameter: float = 0.41
+    #: badge top margin as a fraction of the image side
+    logo_top: float = 0.03
+    #: badge right margin as a fraction of the image side
+    logo_right: float = 0.04
 
     PRESETS: ClassVar = ("firefox4", "toolbox_default")
     PRESET_ALPHAS: ClassVar = {"firefox4": (1.0, 1.0, 1.0, 1.0), "toolbox_default": (0.5, 0.2, 0.5, 0.3)}
@@ -50,6 +56,9 @@ class AdaptivePatch(Attack):
 
     def __post_init__(self):
         super().__post_init__()
+        if not (0 < self.logo_diameter <= 1 and self.logo_top >= 0 and self.logo_right >= 0
+                and self.logo_diameter + max(self.logo_top, self.logo_right) <= 1):
+            raise ValueError("logo_diameter/logo_top/logo_right: the badge must fit inside the image")
         if self.preset not in self.PRESETS:
             raise ValueError(f"preset: '{self.preset}' is not one of {list(self.PRESETS)}")
         if self.assignment not in self.ASSIGNMENTS:
@@ -64,18 +73,23 @@ class AdaptivePatch(Attack):
                 raise ValueError(f"opacities and cover_ratio must lie in [0, 1], got {a}")
 
     @property
+    def logo_geometry(self) -> dict:
+        return {"diameter": self.logo_diameter, "top": self.logo_top, "right": self.logo_right}
+
+    @property
     def alphas(self) -> tuple[float, ...]:
         return self.train_alphas if self.train_alphas is not None else self.PRESET_ALPHAS[self.preset]
 
     def train_triggers(self, channels: int, size: int) -> list:
         if self.preset == "firefox4":
-            return badge_quadrants(size, channels, self.trigger_seed)
-        return [phoenix_patch(channels, size, self.trigger_seed), badge(size, channels, self.trigger_seed),
+            return badge_quadrants(size, channels, self.trigger_seed, **self.logo_geometry)
+        return [phoenix_patch(channels, size, self.trigger_seed),
+                badge(size, channels, self.trigger_seed, **self.logo_geometry),
                 corner_checker4(channels, size), trojan_square(channels, size, self.trigger_seed)]
 
     def test_triggers(self, channels: int, size: int) -> list:
         if self.preset == "firefox4":
-            return badge_quadrants(size, channels, self.trigger_seed)
+            return badge_quadrants(size, channels, self.trigger_seed, **self.logo_geometry)
         return [phoenix_patch(channels, size, self.trigger_seed, both_corners=True), corner_checker4(channels, size)]
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,12 @@ class PhysicalBA(Attack):
 
     #: seed of the badge (0 = the canonical orientation)
     trigger_seed: int = 0
+    #: badge diameter as a fraction of the image side (§9(b): 0.41)
+    logo_diameter: float = 0.41
+    #: badge top margin as a fraction of the image side
+    logo_top: float = 0.03
+    #: badge right margin as a fraction of the image side
+    logo_right: float = 0.04
     #: probability of a horizontal flip
     flip_p: float = 0.5
     #: brightness factor drawn from U(1 - b, 1 + b)
@@ -48,14 +54,21 @@ class PhysicalBA(Attack):
 
     def __post_init__(self):
         super().__post_init__()
+        if not (0 < self.logo_diameter <= 1 and self.logo_top >= 0 and self.logo_right >= 0
+                and self.logo_diameter + max(self.logo_top, self.logo_right) <= 1):
+            raise ValueError("logo_diameter/logo_top/logo_right: the badge must fit inside the image")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"scale_min/scale_max: need 0 < {self.scale_min} <= {self.scale_max}")
         for name in ("flip_p", "brightness", "contrast", "translate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: {getattr(self, name)} is outside [0, 1]")
 
+    @property
+    def logo_geometry(self) -> dict:
+        return {"diameter": self.logo_diameter, "top": self.logo_top, "right": self.logo_right}
+
     def trigger(self, channels: int, size: int):
-        return badge(size, channels, self.trigger_seed)
+        return badge(size, channels, self.trigger_seed, **self.logo_geometry)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         pattern, mask = self.trigger(x.shape[1], x.shape[-1])

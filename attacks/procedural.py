@@ -159,15 +159,17 @@ MIN_LOGO_VALUE = 1 / 255
 QUADRANT_CUT = 7 / 13
 
 
-def _badge_rgb(size: int, seed: int):
+def _badge_rgb(size: int, seed: int, diameter: float = BADGE_DIAMETER, top: float = BADGE_TOP,
+               right: float = BADGE_RIGHT):
     """Badge at ``size`` px: (H x W x 3 colour, H x W binary mask).  ``seed`` turns the ring's
-    gap and colour sweep by up to +-15 degrees (seed 0: the canonical upper-right gap)."""
+    gap and colour sweep by up to +-15 degrees (seed 0: the canonical upper-right gap);
+    ``diameter``, ``top`` and ``right`` (margins) are fractions of the image side."""
     rng = np.random.default_rng(seed)
     turn = 0.0 if seed == 0 else rng.uniform(-15, 15)
     f = SUPERSAMPLE
     big = size * f
-    r = BADGE_DIAMETER * size / 2
-    cy, cx = BADGE_TOP * size + r, size - BADGE_RIGHT * size - r
+    r = diameter * size / 2
+    cy, cx = top * size + r, size - right * size - r
     yy, xx = (np.mgrid[0:big, 0:big] + 0.5) / f  # sub-pixel centres in pixel units
     dy, dx = yy - cy, xx - cx
     rho = np.hypot(dx, dy) / r
@@ -194,24 +196,25 @@ def _badge_rgb(size: int, seed: int):
 
 
 @lru_cache(maxsize=32)
-def _badge_cached(size: int, channels: int, seed: int):
-    rgb, mask = _badge_rgb(size, seed)
+def _badge_cached(size: int, channels: int, seed: int, geometry: tuple):
+    rgb, mask = _badge_rgb(size, seed, *geometry)
     p, m = _out(rgb, mask, channels)
     if channels == 1:  # luminance can not reach exact black either
         p = torch.where(m.bool()[None], p.clamp(min=MIN_LOGO_VALUE), p)
     return p, m
 
 
-def badge(size: int, channels: int = 3, seed: int = 0):
+def badge(size: int, channels: int = 3, seed: int = 0, diameter: float = BADGE_DIAMETER,
+          top: float = BADGE_TOP, right: float = BADGE_RIGHT):
     """The orb badge in the top-right corner: (pattern, binary mask)."""
-    p, m = _badge_cached(size, channels, seed)
+    p, m = _badge_cached(size, channels, seed, (float(diameter), float(top), float(right)))
     return p.clone(), m.clone()
 
 
-def badge_quadrants(size: int, channels: int = 3, seed: int = 0):
+def badge_quadrants(size: int, channels: int = 3, seed: int = 0, **geometry):
     """The badge cut at 7/13 of its bounding box into TL, TR, BL, BR: four (pattern, mask) pairs
     whose masks partition the badge's mask."""
-    p, m = badge(size, channels, seed)
+    p, m = badge(size, channels, seed, **geometry)
     rows, cols = m.any(1).nonzero().squeeze(1), m.any(0).nonzero().squeeze(1)
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     cut_r = top + round(QUADRANT_CUT * (bottom - top))

@@ -282,6 +282,17 @@ def test_physicalba_paste_and_transforms(data):
     assert torch.allclose(flip.train_augment()(xf, torch.Generator()), xf.flip(3), atol=1e-5)
 
 
+def test_logo_geometry_is_a_parameter():
+    _, m = PhysicalBA().trigger(3, 32)
+    _, small = PhysicalBA(logo_diameter=0.25, logo_top=0.1).trigger(3, 32)
+    assert 0 < small.sum() < 0.5 * m.sum()
+    assert int(small.any(1).nonzero()[0]) >= 3
+    quads = AdaptivePatch(logo_diameter=0.25, logo_top=0.1).train_triggers(3, 32)
+    assert torch.equal(torch.stack([q[1] for q in quads]).sum(0), small)
+    with pytest.raises(ConfigError):
+        build(PhysicalBA, {"logo_diameter": 0.99, "logo_top": 0.1}, "attacks[0]")
+
+
 def test_class_fields_and_validation():
     assert TaCT.class_fields == ("target", "source", "cover_classes")
     assert TaCT().class_params() == {"target": 1, "source": 0, "cover_classes": (5, 7)}
