@@ -77,6 +77,8 @@ class Attack:
     version: ClassVar[int] = 1
     #: clean-label attacks keep the poisoned samples' labels
     clean_label: ClassVar[bool] = False
+    #: fraction of cover samples; attacks with covers redeclare it as a dataclass field
+    #: (``cover_ratio: float = 0.01``) so it becomes a parameter
     cover_ratio: ClassVar[float] = 0.0
     #: fields that hold class indices (checked against the dataset before any work)
     class_fields: ClassVar[tuple[str, ...]] = ("target",)

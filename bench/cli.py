@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench run|list|report``."""
+"""Command line: ``python -m bench run|list|report|gallery``."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_gallery(args) -> int:
+    from .gallery import render_gallery
+
+    out = render_gallery(args.dataset, args.data_root, args.out or f"reports/gallery_{args.dataset}.png",
+                         examples=args.examples)
+    print(f"written: {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +137,12 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="render tables from a matrix's finished cells")
     common(rep)
     rep.set_defaults(fn=cmd_report)
+    g = sub.add_parser("gallery", help="PNG grid of clean vs triggered examples for every attack")
+    g.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    g.add_argument("--data-root", help="where datasets live")
+    g.add_argument("--out", help="output PNG (default: reports/gallery_<dataset>.png)")
+    g.add_argument("--examples", type=int, default=3, help="clean/triggered pairs per attack")
+    g.set_defaults(fn=cmd_gallery)
     sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
 
     args = p.parse_args(argv)
