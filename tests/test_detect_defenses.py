@@ -62,12 +62,12 @@ def test_registered_names():
 # --- ABL --------------------------------------------------------------------------------------------
 
 def test_abl_isolates_mostly_poison(toy):
-    # The paper's per-sample LGA with a one-cycle schedule over 4 epochs.  (Batch-mean LGA, the
+    # The paper's per-sample LGA, 4 isolation epochs at the (default) constant learning rate.  (Batch-mean LGA, the
     # official code's form, does not isolate poison on digits: the clean task is learned first, the
     # batch loss falls below gamma before the backdoor is learned, and the poison ends up with the
     # highest losses.)
     ctx, _, is_poison = toy
-    abl = ABL(lga="sample", isolation_epochs=4, isolation_schedule="onecycle")
+    abl = ABL(lga="sample", isolation_epochs=4)
     isolated, losses = abl.isolate(ctx, abl.isolation_model(ctx))
     assert len(isolated) == -(-len(is_poison) // 100)  # ceil(1%)
     precision = is_poison[isolated].float().mean().item()
@@ -228,4 +228,4 @@ def test_end_to_end_through_runner(tmp_path):
         assert "detection" in rows[(key, 0.0)]
         assert 0.0 <= rows[(key, 0.0)]["detection"]["fpr"] <= 1.0
     assert ("scanft", 0.0) in rows and ("scanft", 0.05) in rows  # the reserve variant is tagged
-    assert rows[("nonlinearity", 0.0)]["defense_name"] == "NONE"
+    assert rows[("nonlinearity", 0.0)]["defense_name"].startswith("NONE")

@@ -321,7 +321,7 @@ def test_end_to_end_runner_digits(tmp_path):
     assert und["acc"] > 0.6
     assert rows[("finetuning", "")]["clean_data"] == 0.05 and rows[("clp", "")]["clean_data"] == 0.0
     assert rows[("fineprune", "original")]["info"]["pruned"] >= 0
-    assert rows[("fineprune", "original")]["defense_name"] == "FinePruning"
+    assert rows[("fineprune", "original")]["defense_name"].startswith("FinePruning")
     assert "pruned_only" in rows[("fineprune", "original")]["extra"]
     assert rows[("cutmix", "repair")]["info"]["mixed_batches"] > 0
     # repaired models start from the shared backdoored model
