@@ -14,7 +14,7 @@ from .defense import AdvrBD
 from .enhance import EnhanceConfig, enhance, unlearn_epoch
 from .identify import identify
 from .partition import partition
-from .score import ScoreConfig, patch_masks, pgd_patch, robustness_scores
+from .score import ScoreConfig, calibrate_eps, patch_masks, pgd_patch, robustness_scores
 
-__all__ = ["AdvrBD", "EnhanceConfig", "ScoreConfig", "enhance", "identify", "partition", "patch_masks",
+__all__ = ["AdvrBD", "EnhanceConfig", "ScoreConfig", "calibrate_eps", "enhance", "identify", "partition", "patch_masks",
            "pgd_patch", "robustness_scores", "unlearn_epoch"]

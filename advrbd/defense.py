@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,7 +33,7 @@ from defenses.base import Defense, DefenseContext, Outcome
 
 from .enhance import EnhanceConfig, enhance
 from .identify import identify
-from .score import ScoreConfig
+from .score import ScoreConfig, calibrate_eps
 
 
 @dataclass
@@ -53,6 +53,15 @@ class AdvrBD(Defense):
     patch_mode: str = "additive"
     #: samples per PGD batch
     score_batch_size: int = 256
+    #: calibrate eps on the warm-up model before round 1 (§1.1: PGD should flip 30-70% of a probe);
+    #: off by default, so eps is the fixed proposal unless a matrix asks for calibration
+    calibrate: bool = False
+    #: eps candidates tried by the calibration (tried in increasing order)
+    calibrate_candidates: tuple[float, ...] = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 96 / 255, 128 / 255)
+    #: random training samples the calibration probes [proposal: 1000]
+    calibrate_probe: int = 1000
+    #: warn when round 1's flip rate is outside this range: the ranking is likely degenerate
+    flip_rate_range: tuple[float, float] = (0.05, 0.95)
 
     # --- enhancement (§1.3) ---
     #: warm-up epochs E_w; None = reuse the cached backdoored model (E_w = recipe epochs)
@@ -63,8 +72,8 @@ class AdvrBD(Defense):
     rounds: int = 10
     #: weight lambda of the unlearning term [proposal: 1]
     lam: float = 1.0
-    #: epochs over D_p per round E_u [proposal: 1]
-    unlearn_epochs: int = 1
+    #: epochs over D_p per round E_u [proposal: 1]; fractions allowed (a CPU cost lever)
+    unlearn_epochs: float = 1.0
     #: SGD lr of the enhancement updates [proposal: 0.01]
     unlearn_lr: float = 0.01
     #: SGD momentum of the enhancement updates [proposal: 0.9]
@@ -100,6 +109,8 @@ class AdvrBD(Defense):
 
     def __post_init__(self):
         ScoreConfig(mode=self.patch_mode)  # validates the mode
+        self.calibrate_candidates = tuple(self.calibrate_candidates)
+        self.flip_rate_range = tuple(self.flip_rate_range)
         if not 0 < self.partition_rate <= 1:
             raise ValueError(f"partition_rate: {self.partition_rate} must be in (0, 1]")
         if self.rounds < 1:
@@ -138,11 +149,25 @@ class AdvrBD(Defense):
             model = trainer.fit(ctx.make_model(), data, epochs=self.warmup_epochs, seed=ctx.seed)
         timings["warmup_s"] = time.time() - t0
 
+        score_cfg = self.score_config()
+        calibration = None
+        if self.calibrate:
+            probe = torch.randperm(n, generator=gen)[:self.calibrate_probe]
+            eps, calibration = calibrate_eps(model, data.x[probe], score_cfg, trainer, gen, self.calibrate_candidates)
+            score_cfg = replace(score_cfg, eps=eps)
+            ctx.log.info("calibrated eps = %.4f (%s)", eps, calibration)
+
         t0 = time.time()
-        f_e, d_c, _, rounds = enhance(model, data, trainer, k, self.score_config(), self.enhance_config(), gen,
+        f_e, d_c, _, rounds = enhance(model, data, trainer, k, score_cfg, self.enhance_config(), gen,
                                       observe=ctx.observe, log=ctx.log)
         timings["enhance_s"] = time.time() - t0
 
+        flip = rounds[0].get("flip_rate", float("nan")) if rounds else float("nan")
+        lo, hi = self.flip_rate_range
+        if not lo <= flip <= hi:
+            self._warn(ctx, warnings, f"PGD flipped {flip:.1%} of the scored samples in round 1 (outside "
+                                      f"[{lo:.0%}, {hi:.0%}]): the robustness ranking is likely degenerate; "
+                                      "adjust eps or set calibrate: true")
         clean_idx, flagged, pred = identify(f_e, data, trainer, self.identify_min_confidence)
         hist = torch.bincount(pred, minlength=k)
         share = float(hist.max()) / n
@@ -178,5 +203,5 @@ class AdvrBD(Defense):
         info = {"rounds": rounds, "size_dc": int(len(d_c)), "n_clean": int(len(clean_idx)),
                 "n_flagged": int(len(flagged)), "flagged_ratio": ratio, "f_e_pred_hist": hist.tolist(),
                 "f_e_max_pred_share": share, "warmup": "backdoored" if self.warmup_epochs is None else "scratch",
-                "warnings": warnings, **timings}
+                "eps": score_cfg.eps, "calibration": calibration, "warnings": warnings, **timings}
         return Outcome(model=f_c, flagged=flagged, info=info, extra_models=extra)

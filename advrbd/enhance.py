@@ -41,8 +41,9 @@ class EnhanceConfig:
     rounds: int = 10
     #: weight of the unlearning (ascent) term [proposal: 1]
     lam: float = 1.0
-    #: epochs over D_p per round, E_u [proposal: 1]
-    unlearn_epochs: int = 1
+    #: epochs over D_p per round, E_u [proposal: 1]; a fraction runs that share of one epoch's
+    #: batches (a cost lever for CPU runs)
+    unlearn_epochs: float = 1.0
     #: SGD learning rate of the enhancement updates [proposal: 0.01]
     lr: float = 0.01
     #: SGD momentum [proposal: 0.9]
@@ -64,8 +65,11 @@ def _predictions(trainer: Trainer, model, data: ImageSet) -> torch.Tensor:
 
 
 def unlearn_epoch(model, trainer: Trainer, data: ImageSet, learn_idx: torch.Tensor, unlearn_idx: torch.Tensor,
-                  cfg: EnhanceConfig, num_classes: int, gen: torch.Generator, opt=None) -> dict:
-    """One epoch of paired learn/unlearn batches (Eq. 4).  Returns simple loss statistics."""
+                  cfg: EnhanceConfig, num_classes: int, gen: torch.Generator, opt=None,
+                  fraction: float = 1.0) -> dict:
+    """One epoch (or ``fraction`` of one) of paired learn/unlearn batches (Eq. 4).
+
+    Returns simple loss statistics."""
     bs = cfg.batch_size or trainer.recipe.batch_size
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
@@ -74,7 +78,7 @@ def unlearn_epoch(model, trainer: Trainer, data: ImageSet, learn_idx: torch.Tens
                               weight_decay=trainer.recipe.weight_decay)
     model.train()
     order = learn_idx[torch.randperm(len(learn_idx), generator=gen)]
-    steps = math.ceil(len(order) / bs)
+    steps = math.ceil(math.ceil(len(order) / bs) * fraction)
     sum_learn = sum_unlearn = active = 0.0
     for b in range(steps):
         ip = order[b * bs:(b + 1) * bs]
@@ -118,8 +122,10 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
         if len(d_c) and len(d_p):
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                   weight_decay=trainer.recipe.weight_decay)
-            for _ in range(cfg.unlearn_epochs):
-                lstats = unlearn_epoch(model, trainer, data, d_p, d_c, cfg, num_classes, gen, opt)
+            left = cfg.unlearn_epochs
+            while left > 0:
+                lstats = unlearn_epoch(model, trainer, data, d_p, d_c, cfg, num_classes, gen, opt, min(left, 1.0))
+                left -= 1.0
         pred = _predictions(trainer, model, data)
         correct = pred == data.y
         hist = torch.bincount(pred, minlength=num_classes)

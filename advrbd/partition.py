@@ -26,13 +26,13 @@ def partition(model, x_uint8: torch.Tensor, pool: torch.Tensor, n: int, cfg: Sco
     scored = pool
     if score_limit is not None and score_limit < len(pool):
         scored = pool[torch.randperm(len(pool), generator=gen)[:max(score_limit, n)]]
-    scores = robustness_scores(model, x_uint8[scored], cfg, trainer, gen)
+    scores, flips = robustness_scores(model, x_uint8[scored], cfg, trainer, gen, return_flips=True)
     order = torch.argsort(scores, descending=True, stable=True)
     selected = scored[order[:n]].sort().values
     keep = torch.ones(len(x_uint8), dtype=torch.bool)
     keep[selected] = False
     rest = pool[keep[pool]]
-    stats = {"scored": len(scored),
+    stats = {"scored": len(scored), "flip_rate": float(flips.float().mean()) if len(flips) else float("nan"),
              "score_mean": float(scores.mean()) if len(scores) else float("nan"),
              "score_threshold": float(scores[order[n - 1]]) if n > 0 else float("nan")}
     return selected, rest, stats

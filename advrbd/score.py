@@ -20,7 +20,7 @@ Everything is batched: whole batches with per-sample masks, no per-sample Python
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +77,10 @@ def _kl(log_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 
 def pgd_patch(model, x: torch.Tensor, mask: torch.Tensor, cfg: ScoreConfig, gen: torch.Generator,
-              autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD on KL(p(x) || p(x_adv)) inside ``mask``.  Returns (x_adv, per-sample final KL).
+              autocast=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PGD on KL(p(x) || p(x_adv)) inside ``mask``.
+
+    Returns (x_adv, per-sample final KL, per-sample bool "the predicted label flipped").
 
     ``x`` is float in [0, 1], ``mask`` is ``B x 1 x H x W``.  The model must be in eval mode.
     Parameters receive no gradient (only the perturbation is differentiated).
@@ -113,22 +115,25 @@ def pgd_patch(model, x: torch.Tensor, mask: torch.Tensor, cfg: ScoreConfig, gen:
     delta = delta.detach()
     x_adv = apply(delta)
     with torch.no_grad(), ctx:
-        score = _kl(log_p, model(x_adv))
-    return x_adv, score
+        logits_adv = model(x_adv)
+        score = _kl(log_p, logits_adv)
+    return x_adv, score, logits_adv.argmax(1) != log_p.argmax(1)
 
 
 def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: Trainer,
-                      gen: torch.Generator) -> torch.Tensor:
+                      gen: torch.Generator, return_flips: bool = False):
     """s(x) for every image of ``x_uint8`` (N x C x H x W uint8), batched, eval mode, no augmentation.
 
-    Returns a float32 CPU tensor of N scores.  Work is counted on ``trainer``: one forward+backward
+    Returns a float32 CPU tensor of N scores (and, with ``return_flips``, a bool tensor marking the
+    samples whose predicted label the perturbation flipped: the calibration statistic of §1.1,
+    which should be roughly 30-70%; near 0 or 1 the ranking degenerates and eps needs adjusting).  Work is counted on ``trainer``: one forward+backward
     per PGD step (``train_samples``) and two forwards (``eval_samples``).
     """
     was_training = model.training
     model.eval()
     n, _, h, w = x_uint8.shape
     r = cfg.radius_for(min(h, w))
-    out = []
+    out, flips = [], []
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -137,12 +142,37 @@ def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: T
         for i in range(0, n, cfg.batch_size):
             x = trainer.to_float(x_uint8[i:i + cfg.batch_size])
             mask = patch_masks(len(x), h, w, r, gen, x.device)
-            _, s = pgd_patch(model, x, mask, cfg, gen, trainer._autocast())
+            _, s, flipped = pgd_patch(model, x, mask, cfg, gen, trainer._autocast())
             out.append(s.float().cpu())
+            flips.append(flipped.cpu())
             trainer.train_samples += len(x) * cfg.steps
             trainer.eval_samples += 2 * len(x)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    scores = torch.cat(out) if out else torch.empty(0)
+    if return_flips:
+        return scores, (torch.cat(flips) if flips else torch.empty(0, dtype=torch.bool))
+    return scores
+
+
+def calibrate_eps(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: Trainer, gen: torch.Generator,
+                  candidates: tuple[float, ...], target: tuple[float, float] = (0.3, 0.7)) -> tuple[float, list]:
+    """Pick eps so that PGD flips the prediction of a ``target`` share of ``x_uint8`` (§1.1).
+
+    Candidates are tried in increasing order; the one whose flip rate is closest to the middle of
+    ``target`` wins, and the search stops at the first candidate above the range.  Returns
+    (eps, [(eps, flip rate), ...]).  The step size follows eps when ``cfg.step_size`` is None.
+    """
+    mid = (target[0] + target[1]) / 2
+    table, best = [], None
+    for eps in sorted(candidates):
+        _, flips = robustness_scores(model, x_uint8, replace(cfg, eps=eps), trainer, gen, return_flips=True)
+        rate = float(flips.float().mean()) if len(flips) else float("nan")
+        table.append((eps, rate))
+        if best is None or abs(rate - mid) < abs(best[1] - mid):
+            best = (eps, rate)
+        if rate > target[1]:
+            break
+    return best[0], table
