@@ -135,7 +135,8 @@ def test_end_to_end_badnet(tmp_path):
     assert rounds and all({"size_dc", "acc_dc", "acc_dp", "pred_hist"} <= set(r) for r in rounds)
 
 
-@pytest.mark.parametrize("name", ["advrbd-partition-rate", "advrbd-poison-ratio", "advrbd-architectures"])
+@pytest.mark.parametrize("name", ["advrbd-partition-rate", "advrbd-poison-ratio", "advrbd-architectures",
+                                  "advrbd-cpu"])
 def test_matrices_load(name):
     m = load_matrix(REPO / "matrices" / f"{name}.yaml")
     assert m.cells and all(c.defense.key in ("advrbd", "undefended") for c in m.cells)
