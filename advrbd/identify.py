@@ -1,0 +1,22 @@
+"""Identification, specs/defenses.md §1.4 step 5.
+
+Run the enhanced model f_e on every training sample (D_c included).  Samples it misclassifies
+(argmax != given label) are declared clean; the rest are declared poisoned.  ``min_confidence``
+is an optional stricter rule: a correctly classified sample counts as poisoned only when
+p_y >= min_confidence (0 = the paper's argmax rule), a lever to lower the false-positive rate.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.data import ImageSet
+from bench.trainer import Trainer
+
+
+def identify(model, data: ImageSet, trainer: Trainer, min_confidence: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (clean indices, poisoned indices, predictions of f_e on ``data``)."""
+    logits = trainer.logits(model, data.x)
+    pred = logits.argmax(1)
+    p_y = logits.float().softmax(1).gather(1, data.y[:, None]).squeeze(1)
+    poisoned = (pred == data.y) & (p_y >= min_confidence)
+    return (~poisoned).nonzero().squeeze(1), poisoned.nonzero().squeeze(1), pred
