@@ -146,6 +146,22 @@ def _expand_sweep(params: dict, where: str) -> list[dict]:
     return [{**params, **dict(zip(keys, combo))} for combo in itertools.product(*(sweep[k] for k in keys))]
 
 
+def _label(params: dict, where: str) -> str | None:
+    """Pop an entry's optional display ``label`` (not a parameter of the component)."""
+    tag = params.pop("label", None)
+    if tag is not None and not isinstance(tag, str):
+        raise ConfigError(f"{where}.label: expected a string, got {tag!r}")
+    return tag
+
+
+def _labelled(obj, tag: str | None, params: dict, entry: dict):
+    """Attach the label; swept values are appended so the sweep's points stay apart."""
+    if tag:
+        swept = [f"{k}={params[k]}" for k in params if k not in entry]
+        obj.matrix_label = f"{tag}({', '.join(swept)})" if swept else tag
+    return obj
+
+
 def _recipe(base: Recipe, overrides, where: str) -> Recipe:
     if overrides is None:
         return base
@@ -214,16 +230,18 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         where = f"attacks[{i}]"
         key, params = _entry(item, where)
         cls = ATTACKS.get(key, where)
+        tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            attacks.append((build(cls, p, where), where))
+            attacks.append((_labelled(build(cls, p, where), tag, p, params), where))
 
     defenses = []
     for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
         where = f"defenses[{i}]"
         key, params = _entry(item, where)
         cls = DEFENSES.get(key, where)
+        tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            defenses.append(build(cls, p, where))
+            defenses.append(_labelled(build(cls, p, where), tag, p, params))
 
     # class-index parameters must exist in every dataset they meet
     for spec, _ in datasets:

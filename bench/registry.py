@@ -163,7 +163,11 @@ def params_of(obj) -> dict:
 
 
 def label(obj) -> str:
-    """Display name plus the parameters that differ from the class defaults: ``BadNet(poison_ratio=0.1)``."""
+    """Display name plus the parameters that differ from the class defaults: ``BadNet(poison_ratio=0.1)``.
+
+    A matrix entry's ``label`` field replaces it (it is not a parameter and does not affect caching)."""
+    if getattr(obj, "matrix_label", None):
+        return obj.matrix_label
     name = getattr(obj, "display_name", "") or obj.key
     default = {}
     for f in dataclasses.fields(obj):

@@ -62,3 +62,15 @@ def test_cli_exits_nonzero_with_one_line(tmp_path, python_env):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: recipe.lr: expected a number, got str 'fast'"]
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_entry_label_names_the_column_but_not_the_cache_key():
+    plain = parse_matrix(matrix_dict(defenses=[{"name": "finetuning", "lr": 0.02}])).cells[0]
+    named = parse_matrix(matrix_dict(defenses=[{"name": "finetuning", "lr": 0.02, "label": "FT"}])).cells[0]
+    assert "FineTuning(lr=0.02)" in plain.label and "/FT/" in named.label
+    assert named.row()["defense_name"] == "FT"
+    assert named.result_ident() == plain.result_ident()
+    swept = parse_matrix(matrix_dict(defenses=[{"name": "finetuning", "label": "FT", "sweep": {"lr": [0.1, 0.2]}}]))
+    assert [c.row()["defense_name"] for c in swept.cells] == ["FT(lr=0.1)", "FT(lr=0.2)"]
+    with pytest.raises(ConfigError, match=r"^defenses\[0\]\.label: expected a string"):
+        parse_matrix(matrix_dict(defenses=[{"name": "finetuning", "label": 3}]))

@@ -1,0 +1,22 @@
+"""Every matrix shipped in matrices/ validates, so a long run cannot fail on a typo."""
+import pytest
+
+from bench.matrix import load_matrix
+from conftest import REPO
+
+SHIPPED = sorted((REPO / "matrices").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_matrix_validates(path):
+    m = load_matrix(path)
+    assert m.cells and m.name == path.stem
+
+
+def test_quick_covers_every_attack_and_defense():
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+
+    m = load_matrix(REPO / "matrices" / "quick.yaml")
+    assert {c.attack.key for c in m.cells} == set(ATTACKS.names())
+    assert {c.defense.key for c in m.cells} == set(DEFENSES.names())
