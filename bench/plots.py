@@ -31,8 +31,7 @@ def _slug(s: str) -> str:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -114,24 +113,35 @@ def detection(rows, out: Path) -> list[tuple[str, Path]]:
 
 
 def rounds(rows, out: Path) -> list[tuple[str, Path]]:
-    figs = []
+    """One figure per defense: ASR (solid) and ACC (dashed) of its intermediate models, a line per attack."""
+    by = defaultdict(list)
     for r in rows:
-        obs = r.get("observations") or []
-        if len(obs) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        ax.plot(range(len(obs)), [100 * o["asr"] for o in obs], marker="o", label="ASR")
-        ax.plot(range(len(obs)), [100 * o["acc"] for o in obs], marker="s", label="ACC")
-        ax.set_xticks(range(len(obs)), [o["tag"] for o in obs], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("%")
-        title = f"{r['defense_name']} on {r['attack_name']}, {r['dataset']} / {r['model']}, seed {r['seed']}"
-        ax.set_title(title, fontsize=8)
-        ax.legend()
-        figs.append((f"Intermediate models: {title}", _save(fig, out / f"rounds_{_slug(title)}.png")))
+        if len(r.get("observations") or []) >= 2:
+            by[(r["dataset"], r["model"], r["defense_name"])].append(r)
+    figs = []
+    for (dataset, model, defense), rs in by.items():
+        fig, ax = plt.subplots(figsize=(FIGSIZE[0] * 1.3, FIGSIZE[1]))
+        for i, r in enumerate(rs):
+            obs = r["observations"]
+            color = f"C{i % 10}"
+            label = r["attack_name"] + (f" s{r['seed']}" if r.get("seed") else "")
+            ax.plot(range(len(obs)), [100 * o["asr"] for o in obs], marker="o", color=color, label=label)
+            ax.plot(range(len(obs)), [100 * o["acc"] for o in obs], linestyle="--", color=color)
+        tags = rs[0]["observations"]
+        ax.set_xticks(range(len(tags)), [o["tag"] for o in tags], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("ASR (solid) / ACC (dashed), %")
+        ax.set_title(f"{defense}: intermediate models, {dataset} / {model}", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        figs.append((f"{defense}: ASR/ACC of its intermediate models ({dataset} / {model})",
+                     _save(fig, out / f"rounds_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))
     return figs
 
 
 def make_figures(rows: list[dict], out: Path) -> list[tuple[str, Path]]:
+    """Draw every applicable figure into ``out`` (emptied first: it holds generated files only)."""
+    if out.exists():
+        for old in out.glob("*.png"):
+            old.unlink()
     return (scatter(rows, out)
             + sweep(rows, out, "poison_ratio", "attack_params", "poison ratio")
             + sweep(rows, out, "partition_rate", "defense_params", "AdvrBD partition rate")

@@ -189,6 +189,7 @@ caption{text-align:left;font-weight:600;padding:4px 0}
 figure{display:inline-block;margin:0 1em 1em 0}
 figcaption{font-size:0.85em;color:#555}
 img{max-width:560px}
+.scroll{overflow-x:auto}
 """
 
 
@@ -199,12 +200,12 @@ def to_html(title: str, intro: str, sections: list[Section], figures: list[tuple
     for s in sections:
         out.append(f"<h2>{e(s.title)}</h2>")
         for t in s.tables:
-            out.append(f"<table><caption>{e(t.caption)}</caption><tr>" +
+            out.append(f"<div class='scroll'><table><caption>{e(t.caption)}</caption><tr>" +
                        "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
             for i, r in enumerate(t.rows):
                 cls = " class='avg'" if i in t.bold_rows else ""
                 out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
-            out.append("</table>" + (f"<p class='note'>{e(t.note)}</p>" if t.note else ""))
+            out.append("</table></div>" + (f"<p class='note'>{e(t.note)}</p>" if t.note else ""))
     if figures:
         out.append("<h2>Figures</h2>")
         for caption, path in figures:
