@@ -16,6 +16,8 @@ Example (every field but ``attacks`` and ``defenses`` is optional)::
       - {name: blend, alpha: 0.2}
       - {name: badnet, sweep: {poison_ratio: [0.0, 0.1]}}   # one entry per value
     defenses: [undefended, {name: my_pkg.my_module:MyDefense, lr: 0.01}]
+    evaluate: [natural_backdoor]   # optional extra evaluations of every defended model, e.g.
+                                   # [{name: natural_backdoor, budgets: [0.02, 0.06]}]
 
 Any bad value raises :class:`~bench.registry.ConfigError` whose message names the field
 (``attacks[1].alpha``) and what is allowed.
@@ -35,6 +37,7 @@ from defenses import DEFENSES, Defense
 
 from .data import DATASET_INFO
 from .models import MODELS
+from .natural import EVALUATIONS
 from .registry import ConfigError, build, closest, label, params_of
 from .trainer import Recipe
 
@@ -42,7 +45,7 @@ from .trainer import Recipe
 HARNESS_VERSION = 1
 
 TOP_LEVEL = {"name", "description", "data_root", "output", "seeds", "datasets", "models", "recipe",
-             "reserve_ratio", "attacks", "defenses"}
+             "reserve_ratio", "attacks", "defenses", "evaluate"}
 DATASET_FIELDS = {"name", "train_limit", "test_limit", "recipe"}
 
 
@@ -70,6 +73,8 @@ class Cell:
     seed: int
     reserve_ratio: float
     data_root: str | None = None
+    #: extra evaluations of the defended model (``evaluate`` in the matrix), e.g. natural backdoors
+    evaluations: tuple = ()
 
     # --- identities ---------------------------------------------------------------------------
     def poison_ident(self) -> dict:
@@ -85,6 +90,8 @@ class Cell:
                  "defense_version": self.defense.version, "defense_params": params_of(self.defense)}
         if self.defense.uses_clean_data:
             ident["reserve_ratio"] = self.reserve_ratio
+        if self.evaluations:  # only when present, so results without extra evaluations keep their keys
+            ident["evaluate"] = [{"name": e.name, **e.params()} for e in self.evaluations]
         return ident
 
     @property
@@ -243,6 +250,18 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         for p in _expand_sweep(params, where):
             defenses.append(_labelled(build(cls, p, where), tag, p, params))
 
+    evaluations, seen = [], set()
+    for i, item in enumerate(_as_list(raw.get("evaluate", []), "evaluate")):
+        where = f"evaluate[{i}]"
+        key, params = _entry(item, where)
+        if key not in EVALUATIONS:
+            raise ConfigError(f"{where}: unknown evaluation '{key}'{closest(key, EVALUATIONS)}; "
+                              f"allowed: {', '.join(sorted(EVALUATIONS))}")
+        if key in seen:
+            raise ConfigError(f"{where}: evaluation '{key}' is listed twice")
+        seen.add(key)
+        evaluations.append(build(EVALUATIONS[key], params, where))
+
     # class-index parameters must exist in every dataset they meet
     for spec, _ in datasets:
         k = DATASET_INFO[spec.name].num_classes
@@ -253,7 +272,7 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                         raise ConfigError(f"{where}.{fname}: class {v} is outside dataset '{spec.name}' "
                                           f"(allowed: 0..{k - 1})")
 
-    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"))
+    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations))
              for (spec, recipe), model, (attack, _), defense, seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]
     return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),

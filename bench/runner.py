@@ -196,6 +196,9 @@ class Runner:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
             row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig)
+        for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
+            log.info("%s: %s", ev.name, cell.label)
+            row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()
         atomic_write_json(self.result_path(cell), row)
         return row
 
