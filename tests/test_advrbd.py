@@ -117,7 +117,7 @@ def _run(tmp_path, poison_ratio, train_limit=None, epochs=8):
 def test_end_to_end_no_poison(tmp_path):
     torch.set_num_threads(1)
     row = _run(tmp_path, 0.0)
-    assert row["n_poison"] == 0 and row["defense_name"] == "AdvrBD"
+    assert row["n_poison"] == 0 and row["defense_name"].startswith("AdvrBD")
     assert row["acc"] > 0.3  # a working classifier (chance is 0.1), trained on what was kept
     assert [o["tag"] for o in row["observations"]][:1] == ["round1"]
     assert 0 < row["info"]["n_clean"] < row["n_train"] and row["detection"]["flagged"] == row["info"]["n_flagged"]

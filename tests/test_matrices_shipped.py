@@ -18,5 +18,5 @@ def test_quick_covers_every_attack_and_defense():
     from defenses import DEFENSES
 
     m = load_matrix(REPO / "matrices" / "quick.yaml")
-    assert {c.attack.key for c in m.cells} == set(ATTACKS.names())
+    assert {c.attack.key for c in m.cells} == set(ATTACKS.names()) - {"none"}  # "none" = clean training
     assert {c.defense.key for c in m.cells} == set(DEFENSES.names())
