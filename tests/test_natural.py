@@ -19,7 +19,7 @@ from conftest import TINY_RECIPE, matrix_dict
 TARGET = 1
 #: calibration settings: the 2 % budget (~5 px on 16x16) fits the 2x2 BadNet patch (4 px); the toy
 #: model's own trigger reaches ~95 %, so inversion success is judged at 0.9 rather than 0.99
-CALIB = NaturalBackdoor(budgets=(0.02, 0.06), steps=100, restarts=2, per_class=15, eval_size=300, success=0.9)
+CALIB = NaturalBackdoor(budgets=(0.02, 0.06), steps=80, restarts=2, per_class=15, eval_size=300, success=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,12 @@ def test_evaluate_field_changes_the_result_key_only_when_present():
 def test_clean_training_through_the_runner(tmp_path):
     ev = {"name": "natural_backdoor", "budgets": [0.02, 0.04], "steps": 5, "restarts": 1, "per_class": 3,
           "eval_size": 40}
-    m = parse_matrix(matrix_dict(attacks=["none"], evaluate=[ev]))
+    m = parse_matrix(matrix_dict(attacks=["none"], evaluate=[ev], recipe={**TINY_RECIPE, "epochs": 4}))
     runner = Runner(Store(tmp_path))
     (out,) = runner.run(m, progress=None)
     assert out.status == "done", out.error
     r = out.result
-    assert r["n_poison"] == 0 and math.isnan(r["asr"]) and r["acc"] > 0.8
+    assert r["n_poison"] == 0 and math.isnan(r["asr"]) and r["acc"] > 0.5
     nb = r["natural_backdoor"]
     assert nb["n_inversion"] == 30 and nb["n_eval"] == 40
     assert len(nb["asr"]) == 2 and all(len(v) == 10 for v in nb["asr"])
