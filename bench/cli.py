@@ -51,7 +51,8 @@ def cmd_run(args) -> int:
     if args.threads:
         slots = [type(s)(s.device, args.threads) for s in slots]
     runner.device = slots[0].device
-    torch.set_num_threads(slots[0].threads if len(slots) == 1 else torch.get_num_threads())
+    if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
+        torch.set_num_threads(slots[0].threads)
     cells = select(matrix.cells, args.only or [])
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:

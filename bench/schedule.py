@@ -253,7 +253,10 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
 
         run_ray(p, runner, slots, waiting, ready, finish, prog)
     else:
-        ctx = mp.get_context("spawn")
+        # CPU-only: fork (workers start in milliseconds; this process has run no torch kernels, so no
+        # OpenMP pool is copied).  CUDA cannot be forked: spawn fresh interpreters there.
+        cpu_only = all(s.device == "cpu" for s in slots)
+        ctx = mp.get_context("fork" if cpu_only and "fork" in mp.get_all_start_methods() else "spawn")
         queue = ctx.Queue()
         for s in slots:
             queue.put(s)

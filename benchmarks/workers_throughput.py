@@ -26,7 +26,8 @@ def run(raw: dict, slots: list[Slot]) -> float:
     with tempfile.TemporaryDirectory() as root:
         m = parse_matrix(raw)
         runner = Runner(Store(root), device="cpu")
-        torch.set_num_threads(slots[0].threads)
+        if len(slots) == 1:
+            torch.set_num_threads(slots[0].threads)
         t0 = time.perf_counter()
         outcomes = execute(plan(m.cells, runner), runner, slots, progress=None)
         dt = time.perf_counter() - t0
@@ -44,8 +45,8 @@ def main():
     raw = {"name": "workers", "datasets": ["digits"], "models": ["tiny_cnn"], "seeds": list(range(args.cells)),
            "recipe": {"epochs": args.epochs, "batch_size": 64, "crop_padding": 1, "flip": False},
            "attacks": ["badnet"], "defenses": ["undefended"]}
+    many = run(raw, [Slot("cpu", max(1, cores // args.workers))] * args.workers)  # first: a fresh parent
     one = run(raw, [Slot("cpu", cores)])
-    many = run(raw, [Slot("cpu", max(1, cores // args.workers))] * args.workers)
     print(f"{args.cells} cells, {cores} cores")
     print(f"1 worker  x {cores} threads: {one:7.1f} s  ({60 * args.cells / one:6.1f} cells/min)")
     print(f"{args.workers} workers x {max(1, cores // args.workers)} threads: {many:7.1f} s  "
