@@ -8,7 +8,8 @@ Artifacts in the store (see :mod:`bench.store`):
   defense that repairs a trained model and by the undefended baseline;
 * ``results/<key>.json``: one row per finished cell (written last, atomically); a cell whose
   row exists is skipped;
-* ``failures/<key>.json``: the traceback of a failed cell (retried on the next run);
+* ``failures/<key>.json``: the traceback of a failed cell (the CLI skips it on the next run unless
+  ``--retry-failed``);
 * ``logs/<cell>.log``: a log file per cell.
 """
 from __future__ import annotations
