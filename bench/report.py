@@ -16,6 +16,7 @@ import base64
 import csv
 import html
 import io
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from statistics import mean, stdev
 
 from .matrix import Matrix
 from .runner import Runner
+
+log = logging.getLogger("bench.report")
 
 
 def paper_numbers() -> dict[tuple[str, str, str], tuple[float, float]]:
@@ -276,6 +279,20 @@ def flat_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def galleries(datasets: list[str], runner: Runner, out: Path) -> list[tuple[str, Path]]:
+    """The trigger gallery (clean vs triggered examples of every attack) for each dataset."""
+    from .gallery import render_gallery
+
+    figs = []
+    for name in datasets:
+        try:
+            figs.append((f"Trigger gallery, {name} (default parameters)",
+                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png")))
+        except (FileNotFoundError, ValueError) as e:  # data not here: the tables still render
+            log.warning("no trigger gallery for %s: %s", name, e)
+    return figs
+
+
 INTRO = ("ACC and ASR in %. ASR counts triggered test images whose true label is not the target "
          "(TaCT: source class only); RA is the share of them classified as their true label.")
 
@@ -309,5 +326,6 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
         from .plots import make_figures
 
         figs = make_figures(rows, out_dir / "figures")
+        figs += galleries(sorted({r["dataset"] for r in rows}), runner, out_dir / "figures")
     (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", INTRO + tail, sections, figs))
     return out_dir / "tables.md", missing
