@@ -23,6 +23,7 @@ from typing import Callable, ClassVar
 import torch
 
 from bench.data import ImageSet
+from bench.registry import Registered
 
 
 @dataclass
@@ -62,7 +63,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Attack:
+class Attack(Registered):
     """Base class: random dirty-label poisoning of ``poison_ratio`` of the set to ``target``."""
 
     #: fraction of the training set that is poisoned (floor of N * ratio samples)

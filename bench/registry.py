@@ -29,6 +29,29 @@ def closest(name: str, allowed) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+class Registered:
+    """Base of attacks and defenses: the registry key travels with a pickled instance.
+
+    The registry sets ``cls.key`` when a class is registered.  A worker started with ``spawn``
+    (every CUDA worker, and Ray) imports the class afresh when it unpickles a cell; where the class
+    is registered somewhere other than its own module (AdvrBD, registered in ``defenses/advrbd.py``,
+    or a researcher's ``module:Class``) that import alone leaves ``key`` empty, and the cell's cache
+    key would differ from the parent's.  Unpickling restores it.
+    """
+
+    key: typing.ClassVar[str] = ""
+
+    def __getstate__(self):
+        return {**self.__dict__, "__registry_key__": type(self).key}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        key = state.pop("__registry_key__", "")
+        if key and not type(self).key:
+            type(self).key = key
+        self.__dict__.update(state)
+
+
 class Registry:
     def __init__(self, kind: str, package: str, entry_point_group: str):
         self.kind, self.package, self.group = kind, package, entry_point_group

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from bench.data import ImageSet
+from bench.registry import Registered
 from bench.trainer import Trainer
 
 
@@ -71,7 +72,7 @@ class DefenseContext:
 
 
 @dataclass
-class Defense:
+class Defense(Registered):
     """Base class of all defenses."""
 
     key: ClassVar[str] = ""

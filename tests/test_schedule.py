@@ -62,3 +62,26 @@ def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
         ray.shutdown()
     assert [o.status for o in outcomes] == ["done", "done"]
     assert len(list((tmp_path / "backdoor").iterdir())) == 1  # shared by both cells
+
+
+def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
+    """CUDA and Ray workers are fresh interpreters that unpickle cells: a defense registered outside
+    its own module (AdvrBD) or given as ``module:Class`` must keep its key, or results land under
+    another cache key than the parent looks for."""
+    import os
+    import pickle
+    import subprocess
+
+    from bench.matrix import parse_matrix
+    from bench.store import digest
+    from conftest import REPO, matrix_dict
+
+    m = parse_matrix(matrix_dict(defenses=["advrbd", "nonlinearity", "test_runner:Spy"]))
+    env, python = python_env
+    env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
+    code = ("import pickle, sys; from bench.store import digest; cells = pickle.load(sys.stdin.buffer); "
+            "print(repr([(c.defense.key, digest(c.result_ident())) for c in cells]))")
+    out = subprocess.run([python, "-c", code], input=pickle.dumps(m.cells), capture_output=True, env=env,
+                         check=True).stdout.decode()
+    assert eval(out) == [(c.defense.key, digest(c.result_ident())) for c in m.cells]
+    assert [c.defense.key for c in m.cells] == ["advrbd", "nonlinearity", "test_runner:Spy"]
