@@ -211,7 +211,7 @@ class NaturalBackdoor:
             for p, g in zip(model.parameters(), grads):
                 p.requires_grad_(g)
             model.train(was_training)
-        l1 = mask_b.sum((2, 3, 4))                                                   # B x K
+        l1 = mask_b.sum((2, 3, 4)).float().cpu()  # B x K; the bookkeeping below is on the host
         reached = succ_b >= self.success
         first = reached.float().argmax(0)  # smallest budget reaching success (0 if none)
         any_r = reached.any(0)
