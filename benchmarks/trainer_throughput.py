@@ -14,7 +14,13 @@ channels_last format.  The headline ratio compares the harness as shipped (chann
 the conventional pipeline as usually written (contiguous); the ratio against the conventional
 pipeline in its best format is printed too.
 
+With ``--device cuda`` every pipeline runs its step on the GPU under the harness's defaults there
+(bf16 autocast); the conventional loader pins memory and copies each batch asynchronously, as a
+GPU pipeline is usually written.  ``--no-bf16`` measures fp32 instead.  Timers synchronise the
+device before reading the clock.
+
     python benchmarks/trainer_throughput.py --data-root ../shared/data --steps 60
+    python benchmarks/trainer_throughput.py --device cuda --model resnet18 --workers 8 --steps 200
 """
 from __future__ import annotations
 
@@ -30,43 +36,65 @@ from bench.models import build_model
 from bench.trainer import Recipe, Trainer
 
 
-def make_model(ds, name, channels_last):
+def make_model(ds, args, channels_last):
     torch.manual_seed(0)
-    m = build_model(name, ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
+    m = build_model(args.model, ds.channels, ds.num_classes, ds.mean, ds.std, ds.size).to(args.device)
     return m.to(memory_format=torch.channels_last) if channels_last else m
+
+
+def repeat_to(s: ImageSet, n: int) -> ImageSet:
+    """The first ``n`` images, cycling through the set when it is smaller than ``n``."""
+    idx = torch.arange(n) % len(s)
+    return ImageSet(s.x[idx], s.y[idx])
+
+
+def sync(args):
+    if args.device.type == "cuda":
+        torch.cuda.synchronize(args.device)
+
+
+def autocast(args):
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
 def harness(ds, args, channels_last):
     n = args.steps * args.batch_size
-    sub = ImageSet(ds.train.x[:n], ds.train.y[:n])
+    sub = repeat_to(ds.train, n)
     recipe = Recipe(epochs=1, batch_size=args.batch_size, lr=0.05, schedule="constant")
-    tr = Trainer(recipe=recipe, channels_last=channels_last)
+    tr = Trainer(device=args.device, recipe=recipe, channels_last=channels_last, bf16=args.bf16)
     warm = ImageSet(ds.train.x[:args.warmup * args.batch_size], ds.train.y[:args.warmup * args.batch_size])
-    model = make_model(ds, args.model, channels_last)
+    model = make_model(ds, args, channels_last)
     tr.fit(model, warm)
+    tr.on_device(sub.x), tr.on_device(sub.y)  # the one-off upload is not part of the steady state
+    sync(args)
     t0 = time.perf_counter()
     tr.fit(model, sub)
+    sync(args)
     return n / (time.perf_counter() - t0)
 
 
 def bare(ds, args, channels_last):
-    model = make_model(ds, args.model, channels_last).train()
+    model = make_model(ds, args, channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    x = ds.train.x[:args.batch_size].float() / 255
+    x = ds.train.x[:args.batch_size].to(args.device).float() / 255
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = ds.train.y[:args.batch_size]
+    y = ds.train.y[:args.batch_size].to(args.device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast(args):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     for _ in range(args.warmup):
         step()
+    sync(args)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
+    sync(args)
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
@@ -83,24 +111,30 @@ def conventional(ds, args, workers, channels_last):
 
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor()])
-    n = (args.steps + args.warmup) * args.batch_size
-    x_hwc = np.ascontiguousarray(ds.train.x[:n].permute(0, 2, 3, 1).numpy())
-    loader = torch.utils.data.DataLoader(ArrayCIFAR10(x_hwc, ds.train.y[:n].tolist(), tf),
+    sub = repeat_to(ds.train, (args.steps + args.warmup) * args.batch_size)
+    x_hwc = np.ascontiguousarray(sub.x.permute(0, 2, 3, 1).numpy())
+    cuda = args.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(ArrayCIFAR10(x_hwc, sub.y.tolist(), tf),
                                          batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=False)
-    model = make_model(ds, args.model, channels_last).train()
+                                         drop_last=True, persistent_workers=False, pin_memory=cuda)
+    model = make_model(ds, args, channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     it = iter(loader)
     t0 = None
     for i in range(args.steps + args.warmup):
         if i == args.warmup:
+            sync(args)
             t0 = time.perf_counter()
         x, y = next(it)
+        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast(args):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+    sync(args)
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
@@ -113,12 +147,17 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="loader workers of the second conventional run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--no-bf16", action="store_true", help="on CUDA: fp32 instead of the bf16 default")
     args = p.parse_args()
+    args.device = torch.device(args.device)
+    args.bf16 = args.device.type == "cuda" and not args.no_bf16
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = load_dataset("cifar10", args.data_root)
-    print(f"small CPU benchmark: {args.model}, batch {args.batch_size}, {args.steps} steps, "
-          f"{torch.get_num_threads()} torch threads")
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"benchmark on {where}: {args.model}, batch {args.batch_size}, {args.steps} steps, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} torch threads")
     res = {}
     for cl in (False, True):
         tag = "channels_last" if cl else "contiguous"
