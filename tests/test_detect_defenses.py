@@ -61,17 +61,24 @@ def test_registered_names():
 
 # --- ABL --------------------------------------------------------------------------------------------
 
-def test_abl_isolates_mostly_poison(toy):
-    # The paper's per-sample LGA, 4 isolation epochs at the (default) constant learning rate.  (Batch-mean LGA, the
-    # official code's form, does not isolate poison on digits: the clean task is learned first, the
-    # batch loss falls below gamma before the backdoor is learned, and the poison ends up with the
-    # highest losses.)
+def test_abl_isolates_the_lowest_loss_one_percent(toy):
+    # Isolation keeps the ceil(1%) lowest-loss samples.  (Whether those are poison depends on ABL's
+    # premise that the backdoor is learned before the clean task.  On these 16x16 digits it is not:
+    # after one isolation epoch the poison's median loss is 3.4 against 1.2 for clean samples, and
+    # the isolated precision varies from 0.0 to 0.8 with the seed, so no precision is asserted here.)
     ctx, _, is_poison = toy
-    abl = ABL(lga="sample", isolation_epochs=4)
-    isolated, losses = abl.isolate(ctx, abl.isolation_model(ctx))
-    assert len(isolated) == -(-len(is_poison) // 100)  # ceil(1%)
-    precision = is_poison[isolated].float().mean().item()
-    assert precision >= 0.8, precision
+
+    class KnownLosses:
+        def per_sample_loss(self, model, data):
+            return torch.linspace(1.0, 0.0, len(data)) ** 2  # the last samples have the lowest loss
+
+    n = len(is_poison)
+    fake = DefenseContext(train=ctx.train, num_classes=10, make_model=ctx.make_model, trainer=KnownLosses(), seed=0)
+    isolated, losses = ABL(isolation_ratio=0.01).isolate(fake, None)
+    assert torch.equal(isolated, torch.arange(n - math.ceil(0.01 * n), n))
+    assert losses.shape == (n,)
+    isolated, _ = ABL(isolation_ratio=0.1).isolate(fake, None)
+    assert len(isolated) == math.ceil(0.1 * n) and int(isolated.min()) == n - math.ceil(0.1 * n)
 
 
 def test_abl_lga_modes_differ():
