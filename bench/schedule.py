@@ -236,17 +236,22 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         (waiting[key] if key in p.backdoors else ready).append(c)
 
     if executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
+        def run_cells(cells):
+            # grouped by poisoned set so each is built once in memory
+            for c in sorted(cells, key=lambda c: digest(c.backdoor_ident())):
+                prog.running = 1
+                finish(c, *_run_task(runner, "cell", c))
+
+        run_cells(ready)
+        # one poisoned set at a time: its backdoored model, then the cells that use it, so finished
+        # results reach the store as early as possible
         for key, c in p.backdoors.items():
             status, err, tb, dt = _run_task(runner, "backdoor", c)
             if status == "done":
-                ready.extend(waiting.pop(key))
+                run_cells(waiting.pop(key))
             else:
                 for cell in waiting.pop(key):
                     finish(cell, "failed", f"backdoored model failed: {err}", tb, 0.0)
-        # cells grouped by poisoned set so each is built once in memory
-        for c in sorted(ready, key=lambda c: digest(c.backdoor_ident())):
-            prog.running = 1
-            finish(c, *_run_task(runner, "cell", c))
         prog.running = 0
     elif executor == "ray":
         from .ray_executor import run_ray
