@@ -68,6 +68,7 @@ def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
     """CUDA and Ray workers are fresh interpreters that unpickle cells: a defense registered outside
     its own module (AdvrBD) or given as ``module:Class`` must keep its key, or results land under
     another cache key than the parent looks for."""
+    import ast
     import os
     import pickle
     import subprocess
@@ -83,5 +84,5 @@ def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
             "print(repr([(c.defense.key, digest(c.result_ident())) for c in cells]))")
     out = subprocess.run([python, "-c", code], input=pickle.dumps(m.cells), capture_output=True, env=env,
                          check=True).stdout.decode()
-    assert eval(out) == [(c.defense.key, digest(c.result_ident())) for c in m.cells]
+    assert ast.literal_eval(out) == [(c.defense.key, digest(c.result_ident())) for c in m.cells]
     assert [c.defense.key for c in m.cells] == ["advrbd", "nonlinearity", "test_runner:Spy"]
