@@ -56,10 +56,17 @@ def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: i
     return ImageSet(poisoned.train.x[idx], poisoned.y_orig[idx])
 
 
-def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest) -> dict[str, float]:
+def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest, num_classes: int | None = None) -> dict:
+    """ACC, ACC on non-target images, per-class recall, ASR and RA (see :mod:`bench.metrics`)."""
     pred = trainer.predict(model, test.x)
     pred_t = trainer.predict(model, trig.x)
+    k = num_classes or int(test.y.max()) + 1
+    recall = metrics.per_class_recall(pred, test.y, k)
+    nontarget = test.y != trig.target
     return {"acc": metrics.accuracy(pred, test.y),
+            "acc_nontarget": metrics.accuracy(pred[nontarget], test.y[nontarget]),
+            "target_recall": recall[trig.target] if 0 <= trig.target < k else float("nan"),
+            "recall": recall,
             "asr": metrics.attack_success_rate(pred_t, trig.counts, trig.target),
             "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
 
@@ -126,7 +133,7 @@ class Runner:
             log.info("training backdoored model %s", cell.label)
             t0 = time.time()
             model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(), seed=cell.seed)
-            ev = evaluate(trainer, model, ds.test, trig)
+            ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
             self.store.save_model("backdoor", key, model, {
                 **cell.backdoor_ident(), **ev, "wall_time_s": time.time() - t0,
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
@@ -168,7 +175,14 @@ class Runner:
         eval_trainer = Trainer(device=trainer.device, recipe=cell.recipe, **self.trainer_options)
 
         def observe(tag, model):
-            observations.append({"tag": tag, **evaluate(eval_trainer, model, ds.test, trig)})
+            observations.append({"tag": tag, **evaluate(eval_trainer, model, ds.test, trig, ds.num_classes)})
+
+        def observe_flags(tag, indices):
+            observations.append({"tag": tag, "kind": "flags", **metrics.detection(indices, poisoned.is_poison)})
+
+        def observe_scores(tag, indices, scores):
+            observations.append({"tag": tag, "kind": "scores",
+                                 **metrics.score_separation(scores, poisoned.is_poison[indices])})
 
         ctx = DefenseContext(
             train=ImageSet(poisoned.train.x, poisoned.train.y),  # no ground truth crosses this line
@@ -178,25 +192,25 @@ class Runner:
                            if cell.defense.uses_clean_data else None),
             log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
             _backdoored=(lambda: self.load_backdoored(cell)) if cell.defense.needs_backdoored_model else None,
-            _observer=observe)
+            _observer=observe, _flag_observer=observe_flags, _score_observer=observe_scores)
         t0 = time.time()
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):
             raise TypeError(f"{type(cell.defense).__name__}.run must return an Outcome, got {type(out).__name__}")
         wall = time.time() - t0
         n = len(poisoned.train)
-        row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig),
+        row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig, ds.num_classes),
                "wall_time_s": wall,
                "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
                "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
                "info": out.info, "observations": observations, "key": digest(cell.result_ident())}
         if backdoor_meta is not None:
-            row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "asr", "ra", "wall_time_s",
-                                                                 "epoch_equivalents")}
+            row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
+                                                                 "wall_time_s", "epoch_equivalents")}
         if out.flagged is not None:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
-            row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig)
+            row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig, ds.num_classes)
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
             log.info("%s: %s", ev.name, cell.label)
             row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()

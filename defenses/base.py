@@ -11,8 +11,11 @@ that declare ``uses_clean_data``), a seeded generator and a logger.  A defense n
 no device code and no argparse: one file of the method's own logic.
 
 ``ctx.observe(tag, model)`` lets a defense hand intermediate models to the harness, which
-evaluates them with the ground truth it keeps to itself (ACC/ASR per round, for plots); the
-defense gets nothing back, so it cannot select on test data.
+evaluates them with the ground truth it keeps to itself (ACC/ASR per round, for plots);
+``ctx.observe_flags(tag, indices)`` does the same for an intermediate set of flagged training
+samples (TPR/FPR/precision) and ``ctx.observe_scores(tag, indices, scores)`` for a per-sample
+score (AUROC for "lower score = poison" and the clean/poison histograms).  The defense gets
+nothing back, so it cannot select on test data or ground truth.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class DefenseContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("bench.defense"))
     _backdoored: Callable[[], nn.Module] | None = None
     _observer: Callable[[str, nn.Module], None] | None = None
+    _flag_observer: Callable[[str, torch.Tensor], None] | None = None
+    _score_observer: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +74,16 @@ class DefenseContext:
         """Record ACC/ASR of an intermediate model (evaluated by the harness, not returned)."""
         if self._observer is not None:
             self._observer(tag, model)
+
+    def observe_flags(self, tag: str, indices: torch.Tensor) -> None:
+        """Record detection metrics of an intermediate flagged set (evaluated by the harness)."""
+        if self._flag_observer is not None:
+            self._flag_observer(tag, torch.as_tensor(indices, dtype=torch.long))
+
+    def observe_scores(self, tag: str, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """Record how well a per-sample score separates poison (low) from clean (high) samples."""
+        if self._score_observer is not None:
+            self._score_observer(tag, torch.as_tensor(indices, dtype=torch.long), torch.as_tensor(scores).float())
 
 
 @dataclass
