@@ -1,136 +1,176 @@
-"""The AdvrBD defense (specs/defenses.md §1): poisoned training set in, clean model out.
+"""The AdvrBD defense: poisoned training set in, clean model out.
 
-1. **Warm-up.**  ``warmup_epochs=None`` (default) takes the harness's cached backdoored model,
-   i.e. a model trained on D with the cell's own recipe (E_w = the recipe's epochs), shared with
-   every other defense, so the warm-up costs nothing extra and the quick matrix stays fast.  An
-   integer trains a fresh model for that many epochs with the recipe (the spec's proposal is
-   E_w = 20 next to a 200-epoch T0; the paper matrices set it).
-2. **Enhancement** (Algorithm 2, :mod:`advrbd.enhance`), scoring with :mod:`advrbd.score`;
-   ``ctx.observe("round<t>", f)`` lets the harness record ACC/ASR of f per round (paper Fig. 6).
-3. **Identification**: f_e misclassifies -> clean (:mod:`advrbd.identify`).
+AdvrBD (Wang et al., "How to Train a Backdoor-Robust Model on a Poisoned Dataset without Auxiliary
+Data?") has no public code, and the text available to us lost most of its numbers, so every
+default below is marked as the paper's or as ours; ``docs/advrbd.md`` gives the reasoning and the
+measurements behind each choice.
+
+1. **Start model.**  ``warmup_epochs=None`` (default) starts from the harness's cached backdoored
+   model, trained on D with the cell's own recipe and shared with every other defense.  An integer
+   trains a fresh model for that many epochs first, at a constant lr (``warmup_schedule``): a model
+   still in training, not annealed.
+2. **Enhancement** (Algorithm 2, :mod:`advrbd.enhance`), scoring with :mod:`advrbd.score`.
+3. **Identification**: f_e misclassifies -> clean (:mod:`advrbd.identify`); the paper's rule by
+   default, a confidence margin (ours) as an option.
 4. **Clean model** f_c from scratch on the identified clean set with the cell's recipe.
-5. **Relabel + relearn** (optional, default on): poisoned-declared samples get f_c's label and
-   a copy of f_c is fine-tuned on the full relabelled set; reported as ``extra_models["relearn"]``.
-   The headline model (``Outcome.model``) is f_c *before* relabelling, as in the paper's tables.
+5. **Relabel + relearn** (on by default): declared-poisoned samples get f_c's label and a copy of
+   f_c is fine-tuned on the full relabelled set; reported as ``extra_models["relearn"]`` (the
+   paper's Table IV).  The headline model is f_c before relabelling, as in the paper's tables.
 
-Every value marked [proposal] is this project's choice, the paper's text having lost its numbers
-(specs/defenses.md §1 and §10).  Guards (§1.6): a warning when f_e puts more than
-``collapse_share`` of its predictions on one class, and when the flagged fraction |P_hat|/N falls
-outside [``flag_ratio_low``, ``flag_ratio_high``] (a proxy for poison leaking into D_c, or for
-clean data being thrown away wholesale).  Warnings go to ``ctx.log`` and ``info["warnings"]``.
+Guards (recorded in ``info["warnings"]`` and the log): f_e puts more than ``collapse_share`` of its
+predictions on one class (then every clean sample of that class is flagged and f_c does not learn
+it: compare ACC on non-target images), the flagged fraction falls outside
+[``flag_ratio_low``, ``flag_ratio_high``], PGD's flip rate in round 1 is outside
+``flip_rate_range``, and the enhancement's divergence guard fired.
+
+This class is the single source of AdvrBD's defaults: :class:`~advrbd.score.ScoreConfig` and
+:class:`~advrbd.enhance.EnhanceConfig` take the fields of the same names from it, and
+``docs/advrbd-parameters.md`` is generated from it (``python -m advrbd.params``).
 """
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from bench.data import ImageSet
 from defenses.base import Defense, DefenseContext, Outcome
 
-from .enhance import EnhanceConfig, enhance
-from .identify import identify
+from .enhance import ENHANCEMENTS, EnhanceConfig, Observer, enhance
+from .identify import identify, rule
 from .score import ScoreConfig, calibrate_eps
+
+WARMUP_SCHEDULES = ("constant", "recipe")
 
 
 @dataclass
 class AdvrBD(Defense):
     """AdvrBD: adversarial-patch robustness score, backdoor enhancement, clean retraining."""
 
-    # --- robustness score (§1.1) ---
-    #: patch half-width r in pixels; None = image side / 8 (4 at 32 px) [proposal]
+    # --- robustness score (the paper's Eq. 3) ---
+    #: patch half-width r in pixels; None = image side / 8, i.e. an 8x8 patch at 32 px [ours]
     radius: int | None = None
-    #: L_inf bound of the patch perturbation [proposal: 16/255]
+    #: L_inf bound of the patch perturbation, 16/255 [ours]
     eps: float = 16 / 255
-    #: PGD steps K [proposal: 10]
+    #: PGD steps of the inner maximisation [ours: 10]
     pgd_steps: int = 10
-    #: PGD step size; None = eps / 4 [proposal]
+    #: PGD step size; None = eps / 4 [ours]
     pgd_step_size: float | None = None
-    #: "additive" (L_inf-bounded, default) or "replace" (classic adversarial patch content)
+    #: "additive" (L_inf-bounded, the paper's "perturbation radius") or "replace" (classic patch content)
     patch_mode: str = "additive"
-    #: samples per PGD batch
+    #: samples per PGD batch (memory only)
     score_batch_size: int = 256
-    #: calibrate eps on the warm-up model before round 1 (§1.1: PGD should flip 30-70% of a probe);
-    #: off by default, so eps is the fixed proposal unless a matrix asks for calibration
+    #: calibrate eps on the start model before round 1 so that PGD flips 30-70 % of a probe [ours, off]
     calibrate: bool = False
-    #: eps candidates tried by the calibration (tried in increasing order)
+    #: eps candidates the calibration tries, in increasing order [ours]
     calibrate_candidates: tuple[float, ...] = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 96 / 255, 128 / 255)
-    #: random training samples the calibration probes [proposal: 1000]
+    #: random training samples the calibration probes [ours: 1000]
     calibrate_probe: int = 1000
-    #: warn when round 1's flip rate is outside this range: the ranking is likely degenerate
+    #: warn when round 1's flip rate is outside this range: the ranking is likely degenerate [ours]
     flip_rate_range: tuple[float, float] = (0.05, 0.95)
 
-    # --- enhancement (§1.3) ---
-    #: warm-up epochs E_w; None = reuse the cached backdoored model (E_w = recipe epochs)
+    # --- start model ---
+    #: None = start from the cached backdoored model; an integer = train a fresh model this many epochs
     warmup_epochs: int | None = None
-    #: partition rate rho: ceil(rho * N) samples join D_c per round [proposal: 0.02]
-    partition_rate: float = 0.02
-    #: enhancement rounds T [proposal: 10]
-    rounds: int = 10
-    #: weight lambda of the unlearning term [proposal: 1]
-    lam: float = 1.0
-    #: epochs over D_p per round E_u [proposal: 1]; fractions allowed (a CPU cost lever)
-    unlearn_epochs: float = 1.0
-    #: SGD lr of the enhancement updates [proposal: 0.01]
-    unlearn_lr: float = 0.01
-    #: SGD momentum of the enhancement updates [proposal: 0.9]
-    unlearn_momentum: float = 0.9
-    #: cap of the per-sample ascent CE [proposal: 10]
-    ascent_cap: float = 10.0
-    #: early stop: acc(f, D_c) < 1/K + stop_margin ... [proposal: 0.05]
-    stop_margin: float = 0.05
-    #: ... and acc(f, D_p) moved by less than stop_tol [proposal: 0.005]
-    stop_tol: float = 0.005
-    #: score at most this many random D_p samples per round (None = all); a CPU cost lever
-    score_limit: int | None = None
+    #: lr schedule of that warm-up: "constant" (the recipe's lr, not annealed: a model still in
+    #: training) or "recipe" (the recipe's own schedule, compressed to warmup_epochs) [ours]
+    warmup_schedule: str = "constant"
 
-    # --- identification and clean model (§1.4) ---
-    #: a sample f_e classifies correctly is "poisoned" only if p_y >= this (0 = paper's argmax rule)
+    # --- enhancement (Algorithm 2) ---
+    #: "rounds" (partition, relearn D_p, unlearn D_c by plain ascent: the paper's rounds) or
+    #: "joint" (one paired loss with a capped, switching-off ascent: this project's earlier reading)
+    enhancement: str = "rounds"
+    #: partition rate rho: ceil(rho * N) samples join D_c per round [ours: 0.02; the paper's ablation
+    #: finds the rate has little influence]
+    partition_rate: float = 0.02
+    #: enhancement rounds T [ours: 10, so about 20 % of D ends in D_c]
+    rounds: int = 10
+    #: passes over D_p per round in the relearn phase; a fraction runs that share of a pass [ours: 1]
+    relearn_passes: float = 1.0
+    #: constant lr of the relearn phase [ours: 0.01]
+    enhance_relearn_lr: float = 0.01
+    #: random crop/flip in the relearn phase (the recipe's augmentation) [ours: on]
+    relearn_augment: bool = True
+    #: passes of gradient ascent over D_c per round (at most; see the guard) [ours: 5, as ABL's unlearning]
+    unlearn_passes: int = 5
+    #: constant lr of the ascent on D_c [ours: 5e-3]
+    unlearn_lr: float = 5e-3
+    #: SGD momentum of every enhancement update [ours: 0.9]
+    unlearn_momentum: float = 0.9
+    #: divergence guard: end a round's ascent once acc(f, D_c) <= guard_acc ... [ours: 0.02]
+    guard_acc: float = 0.02
+    #: ... or mean CE on D_c > guard_loss (logits blowing up) [ours: 50]
+    guard_loss: float = 50.0
+    #: "joint" only: weight lambda of the ascent term [ours: 1]
+    lam: float = 1.0
+    #: "joint" only: passes over D_p per round (fractions allowed) [ours: 1]
+    joint_epochs: float = 1.0
+    #: "joint" only: SGD lr of the paired updates [ours: 0.01]
+    joint_lr: float = 0.01
+    #: "joint" only: cap of the per-sample ascent CE [ours: 10]
+    ascent_cap: float = 10.0
+    #: "joint" only: early stop once acc(f, D_c) < 1/K + stop_margin ... [ours: 0.05]
+    stop_margin: float = 0.05
+    #: "joint" only: ... and acc(f, D_p) moved by less than stop_tol [ours: 0.005]
+    stop_tol: float = 0.005
+    #: score at most this many random D_p samples per round (None = all; a cost lever) [ours]
+    score_limit: int | None = None
+    #: mini-batch size of the enhancement updates; None = the recipe's [ours]
+    enhance_batch_size: int | None = None
+
+    # --- identification and clean model ---
+    #: a sample f_e classifies as its label is "poisoned" only if p_y >= this; 0 = the paper's rule,
+    #: anything else is this project's confidence-margin variant
     identify_min_confidence: float = 0.0
-    #: relabel the declared-poisoned samples with f_c and fine-tune (Eq. 5) [P, default on]
+    #: relabel the declared-poisoned samples with f_c and fine-tune (the paper's Eq. 5, Table IV)
     relearn: bool = True
-    #: relearn epochs [proposal: 20]; None = ceil(recipe epochs / 10) (20 is a tenth of a 200-epoch T0)
-    relearn_epochs: int | None = 20
-    #: relearn learning rate (cosine decay) [proposal: 0.01]
+    #: relearn epochs [ours: 20]
+    relearn_epochs: int = 20
+    #: relearn learning rate, cosine decay [ours: 0.01]
     relearn_lr: float = 0.01
 
-    # --- guards (§1.6) ---
-    #: warn when f_e gives one class more than this share of its predictions on D
+    # --- guards ---
+    #: warn when f_e gives one class more than this share of its predictions on D [ours]
     collapse_share: float = 0.5
-    #: warn when |P_hat|/N is below this (poison leaked into D_c / weak backdoor)
+    #: warn when |P_hat|/N is below this (poison leaked into D_c / weak backdoor) [ours]
     flag_ratio_low: float = 0.01
-    #: warn when |P_hat|/N is above this (most of the data thrown away)
+    #: warn when |P_hat|/N is above this (most of the data thrown away) [ours]
     flag_ratio_high: float = 0.6
 
     display_name = "AdvrBD"
 
+    version = 2
+
     def __post_init__(self):
-        ScoreConfig(mode=self.patch_mode)  # validates the mode
         self.calibrate_candidates = tuple(self.calibrate_candidates)
         self.flip_rate_range = tuple(self.flip_rate_range)
+        self.score_config()  # validates patch_mode
+        self.enhance_config()  # validates enhancement
+        if self.warmup_schedule not in WARMUP_SCHEDULES:
+            raise ValueError(f"warmup_schedule: '{self.warmup_schedule}' is not one of {list(WARMUP_SCHEDULES)}")
         if not 0 < self.partition_rate <= 1:
             raise ValueError(f"partition_rate: {self.partition_rate} must be in (0, 1]")
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be >= 1")
-        if self.warmup_epochs is not None and self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be >= 0 or null")
+        if self.warmup_epochs is not None and self.warmup_epochs < 1:
+            raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be >= 1 or null")
+        if self.relearn_passes > 1 and self.relearn_passes != int(self.relearn_passes):
+            raise ValueError(f"relearn_passes: {self.relearn_passes} must be a whole number when above 1")
 
     @property
-    def needs_backdoored_model(self) -> bool:  # the cached model is the warm-up when E_w is None
+    def needs_backdoored_model(self) -> bool:  # the cached model is the start model when warmup_epochs is None
         return self.warmup_epochs is None
 
+    def _subset(self, cls):
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
     def score_config(self) -> ScoreConfig:
-        return ScoreConfig(radius=self.radius, eps=self.eps, steps=self.pgd_steps, step_size=self.pgd_step_size,
-                           mode=self.patch_mode, batch_size=self.score_batch_size)
+        return self._subset(ScoreConfig)
 
     def enhance_config(self) -> EnhanceConfig:
-        return EnhanceConfig(rho=self.partition_rate, rounds=self.rounds, lam=self.lam,
-                             unlearn_epochs=self.unlearn_epochs, lr=self.unlearn_lr, momentum=self.unlearn_momentum,
-                             ascent_cap=self.ascent_cap, stop_margin=self.stop_margin, stop_tol=self.stop_tol,
-                             score_limit=self.score_limit)
+        return self._subset(EnhanceConfig)
 
     def _warn(self, ctx: DefenseContext, warnings: list[str], msg: str) -> None:
         ctx.log.warning(msg)
@@ -146,7 +186,8 @@ class AdvrBD(Defense):
         if self.warmup_epochs is None:
             model = trainer.prepare(ctx.backdoored_model())
         else:
-            model = trainer.fit(ctx.make_model(), data, epochs=self.warmup_epochs, seed=ctx.seed)
+            schedule = "constant" if self.warmup_schedule == "constant" else None
+            model = trainer.fit(ctx.make_model(), data, epochs=self.warmup_epochs, schedule=schedule, seed=ctx.seed)
         timings["warmup_s"] = time.time() - t0
 
         score_cfg = self.score_config()
@@ -158,9 +199,15 @@ class AdvrBD(Defense):
             ctx.log.info("calibrated eps = %.4f (%s)", eps, calibration)
 
         t0 = time.time()
+        observer = Observer(model=ctx.observe, flags=ctx.observe_flags, scores=ctx.observe_scores)
         f_e, d_c, _, rounds = enhance(model, data, trainer, k, score_cfg, self.enhance_config(), gen,
-                                      observe=ctx.observe, log=ctx.log)
+                                      observer=observer, log=ctx.log,
+                                      identify_rule=lambda logits, y: rule(logits, y, self.identify_min_confidence))
         timings["enhance_s"] = time.time() - t0
+        fired = [r["round"] for r in rounds if r.get("guard")]
+        if fired:
+            self._warn(ctx, warnings, f"divergence guard ended the ascent early in rounds {fired} "
+                                      f"(first: {next(r['guard'] for r in rounds if r.get('guard'))})")
 
         flip = rounds[0].get("flip_rate", float("nan")) if rounds else float("nan")
         lo, hi = self.flip_rate_range
@@ -173,7 +220,8 @@ class AdvrBD(Defense):
         share = float(hist.max()) / n
         if share > self.collapse_share:
             self._warn(ctx, warnings, f"collapse: f_e predicts class {int(hist.argmax())} for {share:.0%} of D "
-                                      f"(> {self.collapse_share:.0%}); consider a smaller lam or fewer rounds")
+                                      f"(> {self.collapse_share:.0%}): that class's clean samples are flagged and "
+                                      "f_c hardly learns it (compare ACC on non-target images)")
         ratio = len(flagged) / n
         if not self.flag_ratio_low <= ratio <= self.flag_ratio_high:
             self._warn(ctx, warnings, f"flagged fraction |P_hat|/N = {ratio:.3f} outside "
@@ -192,9 +240,7 @@ class AdvrBD(Defense):
             t0 = time.time()
             y_new = data.y.clone()
             y_new[flagged] = trainer.predict(f_c, data.x[flagged])
-            epochs = self.relearn_epochs if self.relearn_epochs is not None else \
-                math.ceil(trainer.recipe.epochs / 10)
-            f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=epochs, lr=self.relearn_lr,
+            f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=self.relearn_epochs, lr=self.relearn_lr,
                               schedule="cosine", seed=ctx.seed + 2)
             extra["relearn"] = f_r
             timings["relearn_s"] = time.time() - t0
@@ -202,6 +248,7 @@ class AdvrBD(Defense):
 
         info = {"rounds": rounds, "size_dc": int(len(d_c)), "n_clean": int(len(clean_idx)),
                 "n_flagged": int(len(flagged)), "flagged_ratio": ratio, "f_e_pred_hist": hist.tolist(),
-                "f_e_max_pred_share": share, "warmup": "backdoored" if self.warmup_epochs is None else "scratch",
+                "f_e_max_pred_share": share, "start": "backdoored" if self.warmup_epochs is None else f"warm-up {self.warmup_schedule}",
+                "flagged_per_class": torch.bincount(data.y[flagged], minlength=k).tolist(),
                 "eps": score_cfg.eps, "calibration": calibration, "warnings": warnings, **timings}
         return Outcome(model=f_c, flagged=flagged, info=info, extra_models=extra)

@@ -1,4 +1,4 @@
-"""Identification, specs/defenses.md §1.4 step 5.
+"""Identification: the enhanced model's mistakes are the clean samples.
 
 Run the enhanced model f_e on every training sample (D_c included).  Samples it misclassifies
 (argmax != given label) are declared clean; the rest are declared poisoned.  ``min_confidence``
@@ -13,10 +13,15 @@ from bench.data import ImageSet
 from bench.trainer import Trainer
 
 
+def rule(logits: torch.Tensor, y: torch.Tensor, min_confidence: float = 0.0) -> torch.Tensor:
+    """Bool mask of the samples declared poisoned: classified as their given label (argmax), with
+    ``p_y >= min_confidence`` (0 = the paper's rule)."""
+    p_y = logits.float().softmax(1).gather(1, y[:, None]).squeeze(1)
+    return (logits.argmax(1) == y) & (p_y >= min_confidence)
+
+
 def identify(model, data: ImageSet, trainer: Trainer, min_confidence: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (clean indices, poisoned indices, predictions of f_e on ``data``)."""
     logits = trainer.logits(model, data.x)
-    pred = logits.argmax(1)
-    p_y = logits.float().softmax(1).gather(1, data.y[:, None]).squeeze(1)
-    poisoned = (pred == data.y) & (p_y >= min_confidence)
-    return (~poisoned).nonzero().squeeze(1), poisoned.nonzero().squeeze(1), pred
+    poisoned = rule(logits, data.y, min_confidence)
+    return (~poisoned).nonzero().squeeze(1), poisoned.nonzero().squeeze(1), logits.argmax(1)

@@ -1,4 +1,4 @@
-"""Algorithm 1 (dataset partition), specs/defenses.md §1.2.
+"""Algorithm 1 of AdvrBD (dataset partition).
 
 Score every sample of the pool (or a random subset of it, a cost lever), sort by score in
 descending order, and return the ``n`` least consistent samples as the new "assumed clean" set
@@ -15,11 +15,12 @@ from .score import ScoreConfig, robustness_scores
 
 
 def partition(model, x_uint8: torch.Tensor, pool: torch.Tensor, n: int, cfg: ScoreConfig, trainer: Trainer,
-              gen: torch.Generator, score_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+              gen: torch.Generator, score_limit: int | None = None, return_scores: bool = False):
     """Split ``pool`` (indices into ``x_uint8``) into (selected, rest, stats).
 
     ``selected`` holds the ``n`` highest-score (least robust) samples; with ``score_limit`` only
-    that many random pool samples are scored and the selection is made among them.
+    that many random pool samples are scored and the selection is made among them.  With
+    ``return_scores`` a fourth item ``(scored indices, their scores)`` follows.
     """
     pool = torch.as_tensor(pool, dtype=torch.long)
     n = min(n, len(pool))
@@ -35,4 +36,6 @@ def partition(model, x_uint8: torch.Tensor, pool: torch.Tensor, n: int, cfg: Sco
     stats = {"scored": len(scored), "flip_rate": float(flips.float().mean()) if len(flips) else float("nan"),
              "score_mean": float(scores.mean()) if len(scores) else float("nan"),
              "score_threshold": float(scores[order[n - 1]]) if n > 0 else float("nan")}
+    if return_scores:
+        return selected, rest, stats, (scored, scores)
     return selected, rest, stats

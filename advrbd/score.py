@@ -1,4 +1,4 @@
-"""The robustness (consistency) score of AdvrBD, Eq. 3 as reconstructed in specs/defenses.md §1.1.
+"""The robustness (consistency) score of AdvrBD (the paper's Eq. 3, whose constants its text does not give).
 
 For a sample x and model f (eval mode, BN statistics frozen):
 
@@ -12,7 +12,7 @@ For a sample x and model f (eval mode, BN statistics frozen):
 
 High s = sensitive = likely clean; low s = robust = likely poisoned.
 
-``mode="replace"`` is the classic adversarial patch reading: the patch pixels are replaced by
+``patch_mode="replace"`` is the classic adversarial patch reading: the patch pixels are replaced by
 content in [0, 1] (x * (1 - m) + m * patch), random uniform start, same step size; eps bounds
 nothing there.  ``additive`` is the default.
 
@@ -30,31 +30,34 @@ from bench.trainer import Trainer
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    #: patch half-width in pixels; None = image side / 8 (4 at 32 px, 2 at 16 px) [proposal]
-    radius: int | None = None
-    #: L_inf bound of the additive perturbation [proposal: 16/255]
-    eps: float = 16 / 255
-    #: PGD steps [proposal: 10]
-    steps: int = 10
-    #: PGD step size; None = eps / 4 [proposal]
-    step_size: float | None = None
-    #: "additive" (L_inf-bounded perturbation inside the patch, default) or "replace" (patch content)
-    mode: str = "additive"
+    """The score's settings.  No defaults here: :class:`advrbd.AdvrBD` holds each default once (with
+    its source) and builds this object from its fields of the same names."""
+
+    #: patch half-width in pixels; None = image side / 8
+    radius: int | None
+    #: L_inf bound of the additive perturbation
+    eps: float
+    #: PGD steps
+    pgd_steps: int
+    #: PGD step size; None = eps / 4
+    pgd_step_size: float | None
+    #: "additive" (L_inf-bounded perturbation inside the patch) or "replace" (patch content)
+    patch_mode: str
     #: samples per PGD batch
-    batch_size: int = 256
+    score_batch_size: int
 
     MODES = ("additive", "replace")
 
     def __post_init__(self):
-        if self.mode not in self.MODES:
-            raise ValueError(f"mode: '{self.mode}' is not one of {list(self.MODES)}")
+        if self.patch_mode not in self.MODES:
+            raise ValueError(f"patch_mode: '{self.patch_mode}' is not one of {list(self.MODES)}")
 
     def radius_for(self, size: int) -> int:
         return self.radius if self.radius is not None else max(1, size // 8)
 
     @property
     def alpha(self) -> float:
-        return self.step_size if self.step_size is not None else self.eps / 4
+        return self.pgd_step_size if self.pgd_step_size is not None else self.eps / 4
 
 
 def patch_masks(n: int, height: int, width: int, radius: int, gen: torch.Generator,
@@ -89,17 +92,17 @@ def pgd_patch(model, x: torch.Tensor, mask: torch.Tensor, cfg: ScoreConfig, gen:
     with torch.no_grad(), ctx:
         log_p = F.log_softmax(model(x).float(), dim=1)
     u = torch.rand(x.shape, generator=gen).to(x.device)
-    if cfg.mode == "additive":
+    if cfg.patch_mode == "additive":
         delta = (u * 2 - 1) * cfg.eps * mask
     else:
         delta = u * mask  # patch content in [0, 1]
 
     def apply(d):
-        if cfg.mode == "additive":
+        if cfg.patch_mode == "additive":
             return (x + d).clamp(0, 1)
         return x * (1 - mask) + d
 
-    for _ in range(cfg.steps):
+    for _ in range(cfg.pgd_steps):
         delta.requires_grad_(True)
         with ctx:
             logits = model(apply(delta))
@@ -107,7 +110,7 @@ def pgd_patch(model, x: torch.Tensor, mask: torch.Tensor, cfg: ScoreConfig, gen:
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta = delta + cfg.alpha * grad.sign()
-            if cfg.mode == "additive":
+            if cfg.patch_mode == "additive":
                 # project onto the eps-ball, onto the image range and onto the mask
                 delta = ((x + delta.clamp(-cfg.eps, cfg.eps)).clamp(0, 1) - x) * mask
             else:
@@ -139,13 +142,13 @@ def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: T
     for p in params:
         p.requires_grad_(False)
     try:
-        for i in range(0, n, cfg.batch_size):
-            x = trainer.to_float(x_uint8[i:i + cfg.batch_size])
+        for i in range(0, n, cfg.score_batch_size):
+            x = trainer.to_float(x_uint8[i:i + cfg.score_batch_size])
             mask = patch_masks(len(x), h, w, r, gen, x.device)
             _, s, flipped = pgd_patch(model, x, mask, cfg, gen, trainer._autocast())
             out.append(s.float().cpu())
             flips.append(flipped.cpu())
-            trainer.train_samples += len(x) * cfg.steps
+            trainer.train_samples += len(x) * cfg.pgd_steps
             trainer.eval_samples += 2 * len(x)
     finally:
         for p, f in zip(params, flags):
@@ -163,7 +166,7 @@ def calibrate_eps(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: Train
 
     Candidates are tried in increasing order; the one whose flip rate is closest to the middle of
     ``target`` wins, and the search stops at the first candidate above the range.  Returns
-    (eps, [(eps, flip rate), ...]).  The step size follows eps when ``cfg.step_size`` is None.
+    (eps, [(eps, flip rate), ...]).  The step size follows eps when ``cfg.pgd_step_size`` is None.
     """
     mid = (target[0] + target[1]) / 2
     table, best = [], None

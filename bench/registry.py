@@ -203,6 +203,30 @@ def label(obj) -> str:
     return f"{name}({', '.join(diff)})" if diff else name
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The ``#:`` comment lines above each dataclass field of ``cls`` (and its bases), joined."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        pending: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                pending.append(stripped[2:].strip())
+                continue
+            m = re.match(r"([A-Za-z_]\w*)\s*:", stripped)
+            if m and pending:
+                docs[m.group(1)] = " ".join(pending)
+            pending = []
+    return docs
+
+
 def describe(cls) -> str:
     """First line of the class docstring."""
     doc = (cls.__doc__ or "").strip()
