@@ -6,7 +6,9 @@ Each figure is drawn only when the results hold what it needs:
 * ASR and ACC vs the poison ratio (cells that differ in the attack's ``poison_ratio``);
 * ASR and ACC vs AdvrBD's partition rate (cells that differ in ``partition_rate``);
 * detection TPR / FPR per defense;
-* per-round curves a defense recorded with ``ctx.observe`` (AdvrBD's enhanced model, Fig. 6).
+* per-round curves a defense recorded with ``ctx.observe`` / ``ctx.observe_flags`` (AdvrBD's
+  enhanced model and its identification per round, the paper's Fig. 6);
+* score histograms of clean vs poisoned samples recorded with ``ctx.observe_scores`` (Fig. 5).
 """
 from __future__ import annotations
 
@@ -112,28 +114,85 @@ def detection(rows, out: Path) -> list[tuple[str, Path]]:
     return figs
 
 
+def _models(obs):
+    return [o for o in obs or [] if "kind" not in o]
+
+
+def _kind(obs, kind: str, prefix: str):
+    return {o["tag"][len(prefix):]: o for o in obs or [] if o.get("kind") == kind and o["tag"].startswith(prefix)}
+
+
 def rounds(rows, out: Path) -> list[tuple[str, Path]]:
-    """One figure per defense: ASR (solid) and ACC (dashed) of its intermediate models, a line per attack."""
+    """One figure per defense: ASR (solid) and ACC (dashed) of its intermediate models, a line per
+    attack (the AdvrBD paper's Fig. 6).  When the defense also recorded flagged sets per round
+    (AdvrBD: ``identify<t>`` and ``dc<t>``), a second panel shows the identification TPR (solid) and
+    FPR (dashed) if the enhancement stopped at that round, and D_c's poison share (dotted)."""
     by = defaultdict(list)
     for r in rows:
-        if len(r.get("observations") or []) >= 2:
+        if len(_models(r.get("observations"))) >= 2:
             by[(r["dataset"], r["model"], r["defense_name"])].append(r)
     figs = []
     for (dataset, model, defense), rs in by.items():
-        fig, ax = plt.subplots(figsize=(FIGSIZE[0] * 1.3, FIGSIZE[1]))
+        flags = any(_kind(r["observations"], "flags", "identify") for r in rs)
+        fig, axes = plt.subplots(1, 2 if flags else 1, figsize=(FIGSIZE[0] * (2.4 if flags else 1.3), FIGSIZE[1]),
+                                 squeeze=False)
+        ax = axes[0][0]
         for i, r in enumerate(rs):
-            obs = r["observations"]
+            obs = _models(r["observations"])
             color = f"C{i % 10}"
             label = r["attack_name"] + (f" s{r['seed']}" if r.get("seed") else "")
             ax.plot(range(len(obs)), [100 * o["asr"] for o in obs], marker="o", color=color, label=label)
             ax.plot(range(len(obs)), [100 * o["acc"] for o in obs], linestyle="--", color=color)
-        tags = rs[0]["observations"]
+            if flags:
+                ident, dc = _kind(r["observations"], "flags", "identify"), _kind(r["observations"], "flags", "dc")
+                ts = [o["tag"][len("round"):] for o in obs]
+                bx = axes[0][1]
+                bx.plot(range(len(ts)), [100 * ident[t]["tpr"] if t in ident else float("nan") for t in ts],
+                        marker="o", color=color, label=label)
+                bx.plot(range(len(ts)), [100 * ident[t]["fpr"] if t in ident else float("nan") for t in ts],
+                        linestyle="--", color=color)
+                bx.plot(range(len(ts)), [100 * dc[t]["precision"] if t in dc and dc[t]["flagged"] else float("nan")
+                                         for t in ts], linestyle=":", color=color)
+        tags = _models(rs[0]["observations"])
         ax.set_xticks(range(len(tags)), [o["tag"] for o in tags], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("ASR (solid) / ACC (dashed), %")
         ax.set_title(f"{defense}: intermediate models, {dataset} / {model}", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
+        if flags:
+            bx = axes[0][1]
+            bx.set_xticks(range(len(tags)), [o["tag"] for o in tags], rotation=30, ha="right", fontsize=7)
+            bx.set_ylabel("identification TPR (solid) / FPR (dashed);\nD_c poison share (dotted), %", fontsize=8)
+            bx.set_title("if identification ran after this round", fontsize=9)
         figs.append((f"{defense}: ASR/ACC of its intermediate models ({dataset} / {model})",
                      _save(fig, out / f"rounds_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))
+    return figs
+
+
+def score_histograms(rows, out: Path) -> list[tuple[str, Path]]:
+    """Clean vs poisoned score distributions of the first scored round, one panel per attack (the
+    AdvrBD paper's Fig. 5), with the AUROC of "lower score = poison" in each title."""
+    by = defaultdict(list)
+    for r in rows:
+        first = _kind(r.get("observations"), "scores", "score").get("1")
+        if first and first.get("edges") and first.get("n_poison"):
+            by[(r["dataset"], r["model"], r["defense_name"])].append((r, first))
+    figs = []
+    for (dataset, model, defense), items in by.items():
+        fig, axes = plt.subplots(1, len(items), figsize=(3.0 * len(items), FIGSIZE[1] * 0.8), squeeze=False)
+        for ax, (r, sc) in zip(axes[0], items):
+            edges = sc["edges"]
+            width = edges[1] - edges[0]
+            for hist, color, name in ((sc["clean_hist"], "C0", "clean"), (sc["poison_hist"], "C3", "poisoned")):
+                total = max(1, sum(hist))
+                ax.bar(edges[:-1], [h / total for h in hist], width, align="edge", alpha=0.55, color=color, label=name)
+            ax.set_title(f"{r['attack_name']}: AUROC {sc['auroc']:.2f}", fontsize=8)
+            ax.set_xlabel("robustness score (KL)", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("share of group", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"{defense}: round-1 scores, {dataset} / {model}", fontsize=9)
+        figs.append((f"{defense}: score distributions of clean and poisoned samples ({dataset} / {model})",
+                     _save(fig, out / f"scores_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))
     return figs
 
 
@@ -146,4 +205,5 @@ def make_figures(rows: list[dict], out: Path) -> list[tuple[str, Path]]:
             + sweep(rows, out, "poison_ratio", "attack_params", "poison ratio")
             + sweep(rows, out, "partition_rate", "defense_params", "AdvrBD partition rate")
             + detection(rows, out)
-            + rounds(rows, out))
+            + rounds(rows, out)
+            + score_histograms(rows, out))

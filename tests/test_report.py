@@ -30,9 +30,23 @@ def test_tables_average_seeds_and_attacks_and_show_the_paper():
     assert main.rows[1][3:] == ["–", "–"]  # Blend has no ABL cell
     cmp = next(t for t in section.tables if "paper" in t.caption)
     pa, ps = paper_numbers()[("cifar10", "BadNet", "No Defense")]
-    assert ["BadNet", "No Defense", "85.0±7.1", f"{pa:.1f}", "90.0±7.1", f"{ps:.1f}"] in cmp.rows
+    assert ["BadNet", "No Defense", "85.0±7.1", "–", f"{pa:.1f}", "90.0±7.1", f"{ps:.1f}"] in cmp.rows
     det = next(t for t in section.tables if "Detection" in t.caption)
     assert det.rows == [["BadNet", "ABL", "50.0", "10.0", "80.0"]]
+
+
+def test_non_target_accuracy_and_relearn_tables():
+    rows = [_row("BadNet", "AdvrBD", 0.80, 0.02, acc_nontarget=0.88, target_recall=0.1, ra=0.7,
+                 extra={"relearn": {"acc": 0.84, "acc_nontarget": 0.87, "asr": 0.01}}),
+            _row("BadNet", "No Defense", 0.90, 0.95, acc_nontarget=0.9, target_recall=0.92, ra=0.04)]
+    [section] = build_sections(rows)
+    per = next(t for t in section.tables if "non-target" in t.caption)
+    assert ["BadNet", "AdvrBD", "80.0", "88.0", "10.0", "2.0", "70.0"] in per.rows
+    assert ["BadNet", "No Defense", "90.0", "90.0", "92.0", "95.0", "4.0"] in per.rows
+    rel = next(t for t in section.tables if "Table IV" in t.caption)
+    assert rel.rows == [["BadNet", "AdvrBD", "80.0", "2.0", "84.0", "87.0", "1.0"]]
+    cmp = next(t for t in section.tables if "paper" in t.caption)
+    assert "1/910" in cmp.note
 
 
 def test_renderers_carry_the_same_numbers():
