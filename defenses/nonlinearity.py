@@ -57,7 +57,11 @@ that directly follow the conv are zeroed, and so is the matching input slice of 
   (PreAct-ResNet, MobileNetV2, which the authors' code does not support): a consumer is zeroed
   only where it is unambiguous, the next conv in the same block or in a plain chain, or the head
   after a chain's last conv; convs whose output enters a residual sum keep their consumers (their
-  output is still zero: BN gamma = beta = 0).
+  output is still zero: BN gamma = beta = 0).  Under this rule the convs are taken in module order
+  and a shortcut conv is recorded before its BN, as before.
+
+A BN belongs to a conv only when it directly follows the conv inside the same module, so the
+pre-activation BN of a PreAct block (which normalises the residual sum) is never zeroed.
 
 **Deviations.**  E1 trains with the harness recipe (optimizer, schedule, augmentation) instead of
 the authors' SGD lr 0.1 with x0.1 every 80 epochs, so NONE's first phase is the undefended

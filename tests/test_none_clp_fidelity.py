@@ -418,3 +418,29 @@ def test_clp_prunes_like_the_reference(arch):
             assert torch.equal(after[k][keep], v[keep]) and (after[k][~keep] == 0).all(), k
         else:
             assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("arch", ["preact_resnet18", "mobilenet_v2", "tiny_cnn"])
+def test_none_runs_on_other_architectures(arch):
+    """Architectures the reference does not support use the local reset; nothing zeroes a
+    pre-activation BN (one that normalises a residual sum)."""
+    from bench.models import build_model
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 10, MEAN, STD, 32).eval()
+    x = fixed_images()[:16]
+    ctx = DefenseContext(train=ImageSet(x, torch.zeros(len(x), dtype=torch.long)), num_classes=10,
+                         make_model=lambda: None, trainer=Trainer(recipe=Recipe(epochs=1, batch_size=16)))
+    units = monitored_units(model)
+    assert units and all(u.conv.groups == 1 for u in units)
+    if arch == "tiny_cnn":
+        assert len(units) == 6
+    sel = {u.name: torch.tensor([0, 1]) for u in units}
+    reset_selected(model, sel, "reference")
+    for u in units:
+        assert u.conv.weight[:2].abs().sum() == 0
+    if arch == "preact_resnet18":
+        for name, m in model.named_modules():
+            if name.endswith("bn1") or name.endswith("body.4.2.bn"):
+                assert (m.weight != 0).all(), name
+    assert len(NONE().detect(ctx, model)["selected"]) == len(units)
