@@ -22,10 +22,9 @@ from bench.runner import Runner
 from bench.store import Store
 from bench.trainer import Recipe, Trainer
 from defenses import DEFENSES, DefenseContext
-from defenses._common import jenks_two_class
 from defenses.abl import ABL
 from defenses.dbr import DBR, intra_class_loss, random_affine
-from defenses.nonlinearity import NONE, monitored_convs, reset_plan
+from defenses.nonlinearity import NONE, monitored_units, reset_selected
 from defenses.scan import SCAnFT, scan_detect
 
 TARGET = 1
@@ -171,25 +170,6 @@ def test_scan_clean_data_flag_is_per_instance():
 
 # --- NONE -------------------------------------------------------------------------------------------
 
-def _jenks_brute(values):
-    v = sorted(values)
-    best, brk = None, None
-    for i in range(1, len(v)):
-        lo, hi = v[:i], v[i:]
-        sse = sum((a - sum(lo) / len(lo)) ** 2 for a in lo) + sum((a - sum(hi) / len(hi)) ** 2 for a in hi)
-        if best is None or sse < best - 1e-12:
-            best, brk = sse, v[i]
-    return brk
-
-
-def test_jenks_two_class_is_exact():
-    cases = [[1.0, 1.2, 0.9, 5.0, 5.5, 4.8], [0.0, 1.0, 2.0, 10.0], [3.0, 3.1, 3.2, 3.3, 100.0]]
-    g = torch.Generator().manual_seed(0)
-    cases += [torch.randn(9, generator=g).tolist() for _ in range(5)]
-    for vals in cases:
-        assert jenks_two_class(torch.tensor(vals)) == pytest.approx(_jenks_brute(vals)), vals
-
-
 def test_none_flags_mostly_poison(toy):
     ctx, model, is_poison = toy
     det = NONE().detect(ctx, model)
@@ -197,20 +177,22 @@ def test_none_flags_mostly_poison(toy):
     assert len(flagged) > 0
     assert is_poison[flagged].float().mean().item() >= 0.8
     assert is_poison[flagged].sum() >= 0.5 * is_poison.sum()
-    # per monitored conv, ceil(3%) channels are selected
-    assert all(len(ch) == -(-conv.out_channels * 3 // 100) for _, conv, ch in det["selected"])
+    # per monitored conv (all six of the small CNN), ceil(3%) channels are selected
+    units = monitored_units(model)
+    assert len(units) == 6 and list(det["selected"]) == [u.name for u in units]
+    assert all(len(det["selected"][u.name]) == -(-u.conv.out_channels * 3 // 100) for u in units)
 
 
 def test_none_reset_zeroes_channel_and_consumer(toy):
     ctx, model, _ = toy
     m = copy.deepcopy(model)
-    convs = monitored_convs(m)
-    assert [c.out_channels for _, c in convs] == [32, 32, 64, 64]  # stages 2 and 3 of the small CNN
-    plan = reset_plan(m)
-    from defenses.nonlinearity import reset_channels
-    name, conv = convs[-1]
-    reset_channels(m, conv, torch.tensor([3]), plan[name])
-    assert conv.weight[3].abs().sum() == 0 and m.head.weight[:, 3].abs().sum() == 0
+    units = monitored_units(m)
+    assert [u.conv.out_channels for u in units] == [16, 16, 32, 32, 64, 64]  # every conv of the small CNN
+    last, first = units[-1], units[0]
+    reset_selected(m, {last.name: torch.tensor([3]), first.name: torch.tensor([2])})
+    assert last.conv.weight[3].abs().sum() == 0 and m.head.weight[:, 3].abs().sum() == 0
+    assert last.bn.weight[3] == 0 and last.bn.bias[3] == 0
+    assert first.conv.weight[2].abs().sum() == 0 and units[1].conv.weight[:, 2].abs().sum() == 0
     fm = m.feature_map(ctx.trainer.to_float(ctx.train.x[:16]))
     assert fm[:, 3].abs().max() == 0
 
