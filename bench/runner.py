@@ -176,9 +176,13 @@ class Runner:
 
         def observe(tag, model):
             observations.append({"tag": tag, **evaluate(eval_trainer, model, ds.test, trig, ds.num_classes)})
+            log.info("%s %s: ACC %.1f ASR %.1f", cell.defense.key, tag, 100 * observations[-1]["acc"],
+                     100 * observations[-1]["asr"])
 
         def observe_flags(tag, indices):
             observations.append({"tag": tag, "kind": "flags", **metrics.detection(indices, poisoned.is_poison)})
+            log.info("%s %s: flagged %d, TPR %.1f FPR %.1f", cell.defense.key, tag, observations[-1]["flagged"],
+                     100 * observations[-1]["tpr"], 100 * observations[-1]["fpr"])
 
         def observe_scores(tag, indices, scores):
             observations.append({"tag": tag, "kind": "scores",
