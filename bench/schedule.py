@@ -81,17 +81,19 @@ FILTER_KEYS = ("dataset", "model", "attack", "defense", "seed")
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
-    """Keep cells matching every ``key=value[,value...]`` filter (e.g. ``attack=badnet,blend``)."""
-    from .registry import ConfigError
+    """Keep cells matching every ``key=value[,value...]`` filter (e.g. ``attack=badnet,blend``); an
+    attack or defense matches by its registry key or by its label in the matrix (``defense=AdvrBD-joint``)."""
+    from .registry import ConfigError, label
 
     for f in only:
         key, eq, values = f.partition("=")
         if not eq or key not in FILTER_KEYS:
             raise ConfigError(f"--only: '{f}' is not KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
         allowed = set(values.split(","))
-        get = {"dataset": lambda c: c.dataset.name, "model": lambda c: c.model, "attack": lambda c: c.attack.key,
-               "defense": lambda c: c.defense.key, "seed": lambda c: str(c.seed)}[key]
-        cells = [c for c in cells if get(c) in allowed]
+        get = {"dataset": lambda c: {c.dataset.name}, "model": lambda c: {c.model},
+               "attack": lambda c: {c.attack.key, label(c.attack)},
+               "defense": lambda c: {c.defense.key, label(c.defense)}, "seed": lambda c: {str(c.seed)}}[key]
+        cells = [c for c in cells if get(c) & allowed]
     return cells
 
 

@@ -25,6 +25,13 @@ def test_only_filters_cells():
         select(m.cells, ["colour=red"])
 
 
+def test_only_matches_matrix_labels():
+    m = parse_matrix(matrix_dict(defenses=["undefended", {"name": "finetuning", "label": "FT-short", "epochs": 1},
+                                           {"name": "finetuning", "label": "FT-long", "epochs": 3}]))
+    assert [c.defense.matrix_label for c in select(m.cells, ["defense=FT-long"])] == ["FT-long"]
+    assert len(select(m.cells, ["defense=finetuning"])) == 2  # the key still matches every entry
+
+
 def test_plan_counts_shared_backdoor_once(tmp_path):
     m = parse_matrix(matrix_dict(seeds=[0, 1], defenses=["undefended", "test_runner:Spy", "test_runner:Broken"]))
     p = plan(m.cells, Runner(Store(tmp_path)))
