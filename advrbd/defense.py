@@ -93,16 +93,22 @@ class AdvrBD(Defense):
     enhance_relearn_lr: float = 0.01
     #: random crop/flip in the relearn phase (the recipe's augmentation) [ours: on]
     relearn_augment: bool = True
-    #: passes of gradient ascent over D_c per round (at most; see the guard) [ours: 5, as ABL's unlearning]
-    unlearn_passes: int = 5
+    #: most passes of gradient ascent over D_c per round; the guard's chance floor normally ends the
+    #: ascent first [ours: 20]
+    unlearn_passes: int = 20
     #: constant lr of the ascent on D_c [ours: 5e-3]
     unlearn_lr: float = 5e-3
     #: SGD momentum of every enhancement update [ours: 0.9]
     unlearn_momentum: float = 0.9
-    #: divergence guard: end a round's ascent once acc(f, D_c) <= guard_acc ... [ours: 0.02]
-    guard_acc: float = 0.02
-    #: ... or mean CE on D_c > guard_loss (logits blowing up) [ours: 50]
+    #: divergence guard: end a round's ascent once f's accuracy on the D_c probe is <= guard_acc
+    #: (None = chance, 1/K: D_c is forgotten) ... [ours]
+    guard_acc: float | None = None
+    #: ... or its mean CE there > guard_loss (logits blowing up) [ours: 50]
     guard_loss: float = 50.0
+    #: check the guard every this many ascent steps [ours: 1; the collapse is abrupt]
+    guard_every: int = 1
+    #: D_c samples in the guard's probe, drawn once per round [ours: 256]
+    guard_probe: int = 256
     #: "joint" only: weight lambda of the ascent term [ours: 1]
     lam: float = 1.0
     #: "joint" only: passes over D_p per round (fractions allowed) [ours: 1]
@@ -141,7 +147,7 @@ class AdvrBD(Defense):
 
     display_name = "AdvrBD"
 
-    version = 2
+    version = 3
 
     def __post_init__(self):
         self.calibrate_candidates = tuple(self.calibrate_candidates)
@@ -204,10 +210,10 @@ class AdvrBD(Defense):
                                       observer=observer, log=ctx.log,
                                       identify_rule=lambda logits, y: rule(logits, y, self.identify_min_confidence))
         timings["enhance_s"] = time.time() - t0
-        fired = [r["round"] for r in rounds if r.get("guard")]
-        if fired:
-            self._warn(ctx, warnings, f"divergence guard ended the ascent early in rounds {fired} "
-                                      f"(first: {next(r['guard'] for r in rounds if r.get('guard'))})")
+        diverged = [r for r in rounds if (r.get("guard") or "").startswith("CE")]
+        if diverged:  # the accuracy floor is the normal end of a round's ascent; the loss bound is not
+            self._warn(ctx, warnings, f"divergence guard: the ascent's loss blew up in rounds "
+                                      f"{[r['round'] for r in diverged]} (first: {diverged[0]['guard']})")
 
         flip = rounds[0].get("flip_rate", float("nan")) if rounds else float("nan")
         lo, hi = self.flip_rate_range

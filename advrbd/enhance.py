@@ -18,10 +18,13 @@ c. **unlearn D_c**: ``unlearn_passes`` passes of plain gradient ascent (the nega
 The round ends on the unlearning phase, so the model identification sees is one that has just
 unlearned: it misclassifies most clean samples and still maps the poison to the target.
 
-Unbounded ascent diverges eventually.  A **divergence guard** ends the unlearning phase of a round
-after the first pass at which f's accuracy on D_c is at most ``guard_acc`` (there is nothing left
-to unlearn) or its mean cross-entropy on D_c exceeds ``guard_loss`` (the logits are blowing up).
-The round record says when it fired (``guard``) and why.
+Unbounded ascent diverges eventually, and ascent past the point where D_c is forgotten starts to
+erase the backdoor too.  A **divergence guard** therefore checks f on a random probe of D_c
+(``guard_probe`` samples) every ``guard_every`` ascent steps and ends the round's unlearning once
+its accuracy there is at most ``guard_acc`` (None = chance, 1/K: D_c is forgotten) or its mean
+cross-entropy exceeds ``guard_loss`` (the logits are blowing up).  Checking by steps rather than
+by passes keeps the ascent's strength from growing with |D_c| (a pass over 3,200 samples is 25
+steps, over 54 samples one).  The round record says when the guard fired (``guard``) and why.
 
 ``enhancement="joint"`` keeps the earlier reading as an option for comparison: one loss
 ``CE(D_p batch) - lam * mean(min(CE, ascent_cap) * [p_y > 1/K])`` on a D_c batch paired with every D_p
@@ -69,8 +72,10 @@ class EnhanceConfig:
     unlearn_passes: int
     unlearn_lr: float
     unlearn_momentum: float
-    guard_acc: float
+    guard_acc: float | None
     guard_loss: float
+    guard_every: int
+    guard_probe: int
     lam: float
     joint_epochs: float
     joint_lr: float
@@ -126,26 +131,34 @@ def _fit_stats(model, trainer: Trainer, data: ImageSet, idx: torch.Tensor) -> tu
 
 
 def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cfg: EnhanceConfig,
-                  gen: torch.Generator) -> dict:
-    """Gradient ascent on ``d_c`` alone, ``cfg.unlearn_passes`` passes, no augmentation, with the
-    divergence guard checked after every pass."""
+                  gen: torch.Generator, num_classes: int) -> dict:
+    """Gradient ascent on ``d_c`` alone, at most ``cfg.unlearn_passes`` passes, no augmentation, with
+    the divergence guard checked every ``cfg.guard_every`` steps on a random probe of D_c."""
     bs = cfg.enhance_batch_size or trainer.recipe.batch_size
     opt = _sgd(model, trainer, cfg.unlearn_lr, cfg.unlearn_momentum)
-    stats = {"unlearn_passes_run": 0, "guard": None}
+    floor = cfg.guard_acc if cfg.guard_acc is not None else 1.0 / num_classes
+    probe = d_c[torch.randperm(len(d_c), generator=gen)[:cfg.guard_probe]]
+    stats = {"unlearn_steps": 0, "guard": None}
     for p in range(cfg.unlearn_passes):
-        model.train()
         for idx in _batches(d_c, bs, gen):
+            model.train()
             x, y = trainer.load_batch(data, idx, gen, augment=False)
             with trainer._autocast():
                 loss = F.cross_entropy(model(x).float(), y)
             trainer.step(model, opt, -loss, len(idx))
-        model.eval()
-        acc, ce = _fit_stats(model, trainer, data, d_c)
-        stats.update(unlearn_passes_run=p + 1, unlearn_acc_dc=acc, unlearn_ce_dc=ce)
-        if acc <= cfg.guard_acc or not ce <= cfg.guard_loss:  # `not <=` also catches NaN
-            stats["guard"] = (f"acc(D_c) {acc:.3f} <= {cfg.guard_acc}" if acc <= cfg.guard_acc
-                              else f"CE(D_c) {ce:.3g} > {cfg.guard_loss}")
-            break
+            stats["unlearn_steps"] += 1
+            if stats["unlearn_steps"] % cfg.guard_every:
+                continue
+            model.eval()
+            acc, ce = _fit_stats(model, trainer, data, probe)
+            stats.update(unlearn_acc_dc=acc, unlearn_ce_dc=ce)
+            if acc <= floor or not ce <= cfg.guard_loss:  # `not <=` also catches NaN
+                stats["guard"] = (f"acc(D_c) {acc:.3f} <= {floor:.3g} after {stats['unlearn_steps']} steps"
+                                  if acc <= floor else f"CE(D_c) {ce:.3g} > {cfg.guard_loss} after "
+                                                       f"{stats['unlearn_steps']} steps")
+                model.eval()
+                return stats
+    model.eval()
     return stats
 
 
@@ -231,7 +244,7 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
         if len(d_c) and len(d_p):
             if cfg.enhancement == "rounds":
                 phase.update(relearn_phase(model, trainer, data, d_p, cfg, gen))
-                phase.update(unlearn_phase(model, trainer, data, d_c, cfg, gen))
+                phase.update(unlearn_phase(model, trainer, data, d_c, cfg, gen, num_classes))
             else:
                 opt = _sgd(model, trainer, cfg.joint_lr, cfg.unlearn_momentum)
                 left = cfg.joint_epochs

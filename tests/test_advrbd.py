@@ -132,19 +132,25 @@ def test_divergence_guard_fires_on_a_constructed_collapse(backdoored):
 
     d_c = torch.arange(64)
     # an absurd ascent lr blows the logits up in one pass: the loss bound stops the phase
-    cfg = AdvrBD(**DIGITS, unlearn_lr=50.0, unlearn_passes=5, guard_loss=50.0, guard_acc=-1.0).enhance_config()
-    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0))
-    assert stats["guard"] and stats["guard"].startswith("CE(D_c)") and stats["unlearn_passes_run"] < 5, stats
+    cfg = AdvrBD(**DIGITS, unlearn_lr=50.0, unlearn_passes=5, guard_loss=50.0, guard_acc=-1.0,
+                 guard_every=1).enhance_config()
+    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0), 10)
+    assert stats["guard"] and stats["guard"].startswith("CE(D_c)") and stats["unlearn_steps"] < 5, stats
     # a moderate ascent until D_c is unlearned: the accuracy bound stops it (the model collapses onto
     # one class, so D_c's accuracy bottoms out near that class's share of D_c, about 1/10 here)
-    cfg = AdvrBD(**DIGITS, unlearn_lr=0.05, unlearn_passes=50, guard_acc=0.2, guard_loss=float("inf")).enhance_config()
-    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0))
+    cfg = AdvrBD(**DIGITS, unlearn_lr=0.05, unlearn_passes=50, guard_acc=0.2, guard_loss=float("inf"),
+                 guard_every=1).enhance_config()
+    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0), 10)
     assert stats["guard"] and stats["guard"].startswith("acc(D_c)") and stats["unlearn_acc_dc"] <= 0.2, stats
-    assert stats["unlearn_passes_run"] < 50
-    # no guard: all passes run
-    cfg = AdvrBD(**DIGITS, unlearn_lr=1e-5, unlearn_passes=2).enhance_config()
-    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0))
-    assert stats["guard"] is None and stats["unlearn_passes_run"] == 2
+    assert stats["unlearn_steps"] < 50
+    # the default floor is chance, 1/K
+    cfg = AdvrBD(**DIGITS, unlearn_lr=0.05, unlearn_passes=50, guard_every=1).enhance_config()
+    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0), 10)
+    assert stats["guard"] and (stats["unlearn_acc_dc"] <= 0.1 or stats["guard"].startswith("CE")), stats
+    # a weak ascent: every pass runs (one 64-sample batch each), the guard never fires
+    cfg = AdvrBD(**DIGITS, unlearn_lr=1e-5, unlearn_passes=2, guard_every=1).enhance_config()
+    stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0), 10)
+    assert stats["guard"] is None and stats["unlearn_steps"] == 2
 
 
 def test_calibration_finds_digits_eps(backdoored):
@@ -213,7 +219,7 @@ def test_parameter_docs_are_generated_from_the_class():
     from advrbd.params import table
 
     assert (REPO / "docs" / "advrbd-parameters.md").read_text() == table()
-    assert "| `unlearn_passes` | 5 |" in table()  # defaults come from the dataclass
+    assert "| `unlearn_passes` | 20 |" in table()  # defaults come from the dataclass
 
 
 def test_configs_take_every_field_from_the_defense():
