@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from defenses import DEFENSES, Defense
 from .data import DATASET_INFO
 from .models import MODELS
 from .natural import EVALUATIONS
-from .registry import ConfigError, build, closest, label, params_of
+from .registry import ConfigError, as_number, build, closest, label, params_of
 from .trainer import Recipe
 
 #: bump when the harness changes how any artifact is computed
@@ -184,9 +185,10 @@ def _recipe(base: Recipe, overrides, where: str) -> Recipe:
 
 
 def _check_ratio(value, where):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+    number = as_number(value)
+    if number is None or not 0 <= number <= 1:
         raise ConfigError(f"{where}: {value!r} must be a number in [0, 1]")
-    return float(value)
+    return float(number)
 
 
 def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
@@ -279,12 +281,59 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                   raw.get("description", ""), raw)
 
 
+class MatrixLoader(yaml.SafeLoader):
+    """YAML as people write matrices: safe (no tag builds a Python object), ``1e-4`` is a number
+    (YAML 1.1 would leave it a string), and a key given twice is an error instead of a silent
+    overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+MatrixLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_error(path, e: yaml.YAMLError) -> ConfigError:
+    """One line: where in the file and what is wrong (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    return ConfigError(f"matrix: '{path}' is not valid YAML{where}: {problem}")
+
+
+def parse_yaml(text: str, path="matrix"):
+    try:
+        return yaml.load(text, Loader=MatrixLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, e) from None
+    except RecursionError:
+        raise ConfigError(f"matrix: '{path}' is nested too deeply") from None
+
+
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"matrix: file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"matrix: '{path}' is not valid YAML: {e}") from e
-    return parse_matrix(raw, path.stem)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"matrix: '{path}' is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"matrix: cannot read '{path}' ({e.strerror or e})") from None
+    return parse_matrix(parse_yaml(text, path), path.stem)

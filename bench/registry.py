@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib
 import pkgutil
+import re
 import types
 import typing
 from importlib import metadata
@@ -22,6 +23,22 @@ from importlib import metadata
 
 class ConfigError(ValueError):
     """A bad matrix/config value.  The message names the field and what is allowed."""
+
+
+#: a number as people write it, including the forms YAML 1.1 leaves as strings (``1e-4``, ``5E3``)
+NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def as_number(value):
+    """``value`` as an int or float when it is one or is written as one (``"1e-4"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    return None
 
 
 def closest(name: str, allowed) -> str:
@@ -144,8 +161,9 @@ def _check_type(value, hint, where: str):
             return value
         raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = as_number(value)
+        if number is not None:
+            return float(number)
         raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
     if hint is str:
         if isinstance(value, str):
