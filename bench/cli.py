@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .data import DataError
 from .registry import ConfigError, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,12 @@ def _setup(args):
     return matrix, runner
 
 
+def _report_dir(args, matrix) -> Path:
+    return Path(args.report_dir or "reports") / matrix.name
+
+
 def cmd_run(args) -> int:
-    from .schedule import dry_run_text, execute, parse_devices, plan, select
+    from .schedule import check_writable, dry_run_text, execute, parse_devices, plan, preflight, select
 
     matrix, runner = _setup(args)
     try:
@@ -54,10 +59,16 @@ def cmd_run(args) -> int:
     if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
         torch.set_num_threads(slots[0].threads)
     cells = select(matrix.cells, args.only or [])
+    if not cells:
+        raise ConfigError(f"--only: no cell of matrix '{matrix.name}' matches {' '.join(args.only)}")
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
         print(dry_run_text(p, runner))
         return 0
+    # everything that can fail before training fails here, with one line
+    check_writable(runner.store.root, "--output")
+    check_writable(_report_dir(args, matrix), "--report-dir")
+    preflight(p.todo, runner)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
     outcomes = execute(p, runner, slots, executor=args.executor)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -65,7 +76,7 @@ def cmd_run(args) -> int:
     cached = sum(o.status == "cached" for o in outcomes)
     from .report import write_report
 
-    md, _ = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    md, _ = write_report(matrix, runner, _report_dir(args, matrix))
     print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
     for o in failed:
         print(f"FAILED {o.cell.label}: {o.error}", file=sys.stderr)
@@ -76,7 +87,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     matrix, runner = _setup(args)
-    md, missing = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    md, missing = write_report(matrix, runner, _report_dir(args, matrix))
     print(md.read_text())
     print(f"written: {md.parent}/tables.md, tables.csv, results.csv", file=sys.stderr)
     return 0
@@ -154,6 +165,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DataError) as e:  # DataNotFoundError is a FileNotFoundError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ from .trainer import Recipe
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
+#: largest seed accepted (seeds are offset by small constants and fed to torch generators)
+MAX_SEED = 2**31 - 1
 
 TOP_LEVEL = {"name", "description", "data_root", "output", "seeds", "datasets", "models", "recipe",
              "reserve_ratio", "attacks", "defenses", "evaluate"}
@@ -205,6 +207,10 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     for i, s in enumerate(seeds):
         if not isinstance(s, int) or isinstance(s, bool):
             raise ConfigError(f"seeds[{i}]: expected an integer, got {s!r}")
+        if not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"seeds[{i}]: {s} is out of range; allowed: 0..{MAX_SEED}")
+        if s in seeds[:i]:
+            raise ConfigError(f"seeds[{i}]: seed {s} is listed twice")
     reserve = _check_ratio(raw.get("reserve_ratio", 0.05), "reserve_ratio")
     base_recipe = _recipe(Recipe(), raw.get("recipe"), "recipe")
     for k in ("data_root", "output", "name", "description"):
@@ -231,6 +237,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
 
     models = _as_list(raw.get("models", ["small_cnn"]), "models")
     for i, m in enumerate(models):
+        if not isinstance(m, str):
+            raise ConfigError(f"models[{i}]: expected a model name, got {type(m).__name__} {m!r}; "
+                              f"allowed: {', '.join(MODELS)}")
         if m not in MODELS:
             raise ConfigError(f"models[{i}]: unknown model '{m}'{closest(m, MODELS)}; allowed: {', '.join(MODELS)}")
 
@@ -241,7 +250,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         cls = ATTACKS.get(key, where)
         tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            attacks.append((_labelled(build(cls, p, where), tag, p, params), where))
+            attack = _labelled(build(cls, p, where), tag, p, params)
+            attack.matrix_field = where  # names the entry in messages about data it does not fit
+            attacks.append((attack, where))
 
     defenses = []
     for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
@@ -264,16 +275,21 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         seen.add(key)
         evaluations.append(build(EVALUATIONS[key], params, where))
 
-    # class-index parameters must exist in every dataset they meet
+    # class fields and pixel sizes must fit every dataset they meet (Attack.check)
     for spec, _ in datasets:
-        k = DATASET_INFO[spec.name].num_classes
+        info = DATASET_INFO[spec.name]
         for attack, where in attacks:
-            for fname, value in attack.class_params().items():
-                for v in (value if isinstance(value, (list, tuple)) else [value]):
-                    if not 0 <= v < k:
-                        raise ConfigError(f"{where}.{fname}: class {v} is outside dataset '{spec.name}' "
-                                          f"(allowed: 0..{k - 1})")
+            try:
+                attack.check(info.size, info.num_classes)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e} [dataset '{spec.name}': {info.num_classes} classes, "
+                                  f"{info.size}x{info.size} px]") from None
 
+    for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),
+                       ("seeds", seeds)):
+        if not items:
+            raise ConfigError(f"{key}: empty list; a matrix needs at least one entry in each of datasets, "
+                              f"models, attacks, defenses and seeds")
     cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations))
              for (spec, recipe), model, (attack, _), defense, seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]

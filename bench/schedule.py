@@ -19,6 +19,7 @@ recorded from an earlier run are skipped unless ``retry_failed``.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -128,6 +129,83 @@ def estimate_seconds(p: Plan, runner) -> float | None:
         t = seen.get(("cell", c.dataset.name, c.model, c.defense.key))
         total, known = (total + mean(t), known) if t else (total, False)
     return total if known else None
+
+
+# --- checks before any work ------------------------------------------------------------------
+
+def check_writable(path, flag: str) -> None:
+    """``path`` can be created and written to, or one :class:`ConfigError` naming the flag."""
+    from pathlib import Path
+
+    from .registry import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write to '{path}' ({e.strerror or e}); "
+                          f"choose a writable folder with {flag}") from None
+
+
+def poison_fit(attack, y: torch.Tensor) -> str | None:
+    """Why ``attack``'s poison and cover counts do not fit the training labels ``y``, else None.
+
+    Only attacks that draw from part of the set (TaCT's source class, a clean-label attack's target
+    class) can ask for more images than exist; at least one image of that part must stay clean, or
+    the clean reserve and the class's clean accuracy have nothing left."""
+    where = getattr(attack, "matrix_field", "") or attack.key
+    n = len(y)
+    n_poison = int(n * attack.poison_ratio)
+    pool = int(attack.eligible_poison(y).sum())
+    if pool < n and n_poison >= pool and n_poison > 0:
+        if "source" in attack.class_fields:
+            what = f"source class {attack.source} has {pool} training images"
+        elif attack.clean_label:
+            what = f"target class {attack.target} has {pool} training images"
+        else:
+            what = f"only {pool} training images are eligible"
+        most = math.floor(max(pool - 1, 0) / n * 1e4) / 1e4
+        return (f"{where}.poison_ratio: {attack.poison_ratio:g} asks for {n_poison} poisoned images of {n}, but "
+                f"{what}; allowed: at most {most:g}, which leaves one of them clean")
+    n_cover = int(n * attack.cover_ratio)
+    cover_pool = int(attack.eligible_cover(y).sum())
+    if cover_pool < n and n_cover > cover_pool:
+        most = math.floor(cover_pool / n * 1e4) / 1e4
+        return (f"{where}.cover_ratio: {attack.cover_ratio:g} asks for {n_cover} cover images, but the cover "
+                f"classes have {cover_pool} training images; allowed: at most {most:g}")
+    return None
+
+
+def preflight(cells: list[Cell], runner) -> None:
+    """Load every dataset the cells need once (a missing or unreadable file is one message, before any
+    training) and check each attack against the data it meets: its geometry and class fields
+    (``Attack.check``) and whether its poison fits the classes it draws from."""
+    from .registry import ConfigError
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP pool in a parent that forks workers later
+    try:
+        checked = set()
+        for c in cells:
+            ds = runner.dataset(c)  # raises DataNotFoundError / DataError with the path and the fix
+            key = (c.dataset, digest(c.poison_ident()))
+            if key in checked:
+                continue
+            checked.add(key)
+            where = getattr(c.attack, "matrix_field", "") or c.attack.key
+            try:
+                c.attack.check(ds.size, ds.num_classes)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e} [dataset '{c.dataset.name}' as loaded: {ds.num_classes} classes, "
+                                  f"{ds.size}x{ds.size} px]") from None
+            problem = poison_fit(c.attack, ds.train.y)
+            if problem:
+                raise ConfigError(f"{problem} [dataset '{c.dataset.label}']")
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- progress ---------------------------------------------------------------------------------
