@@ -107,7 +107,7 @@ class Store:
         try:
             with open(path) as f:
                 return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
             return None
 
     def save_json(self, kind: str, key: str, name: str, obj) -> Path:
