@@ -196,9 +196,15 @@ def _check_range(value, r: Range | None, where: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
-        raise ConfigError(f"{where}: {value!r} is not a finite number" + (f"; allowed: {r.text()}" if r else ""))
+        raise ConfigError(f"{where}: {_show(value)} is not a finite number" + (f"; allowed: {r.text()}" if r else ""))
     if r is not None and value not in r:
-        raise ConfigError(f"{where}: {value!r} is out of range; allowed: {r.text()}")
+        raise ConfigError(f"{where}: {_show(value)} is out of range; allowed: {r.text()}")
+
+
+def _show(value, limit: int = 60) -> str:
+    """``repr`` of a user's value, cut short so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "..." + text[-2:]
 
 
 def _check_type(value, hint, where: str):
@@ -215,17 +221,17 @@ def _check_type(value, hint, where: str):
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
+        raise ConfigError(f"{where}: expected null, got {_show(value)}")
     if hint is typing.Any:
         return value
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
         if any(value == a and type(value) is type(a) for a in allowed):
             return value
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        raise ConfigError(f"{where}: {_show(value)} is not one of {', '.join(repr(a) for a in allowed)}")
     if origin in (tuple, list) or hint in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_show(value)}")
         args = typing.get_args(hint)
         if args and args[-1] is not Ellipsis and origin is tuple and len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -235,20 +241,20 @@ def _check_type(value, hint, where: str):
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {_show(value)}")
     if hint is float:
         number = as_number(value)
         if number is not None:
             return float(number)
-        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {_show(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {_show(value)}")
     if origin is dict or hint is dict:
         if isinstance(value, dict):
             return value
@@ -272,7 +278,11 @@ def build(cls: type, params: dict, where: str):
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        # a component's own check says "field: ..." (or "recipe.field: ..."): name it as the matrix does
+        m = re.match(r"^(?:\w+\.)?(\w+): (.*)$", " ".join(str(e).split()))
+        if m and m.group(1) in fields:
+            raise ConfigError(f"{where}.{m.group(1)}: {m.group(2)}") from None
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 def params_of(obj) -> dict:
