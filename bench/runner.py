@@ -144,7 +144,12 @@ class Runner:
         return self.store.root / "results" / f"{digest(cell.result_ident())}.json"
 
     def cached_result(self, cell: Cell) -> dict | None:
-        return self.store.load_json(self.result_path(cell))
+        """The cell's verified result; a corrupt, edited or malformed file is named once and ignored."""
+        path = self.result_path(cell)
+        row, problem = self.store.load_result(path, digest(cell.result_ident()))
+        if problem:
+            self.store.report_bad(path, problem)
+        return row
 
     def run_cell(self, cell: Cell) -> dict:
         cached = self.cached_result(cell)
@@ -200,8 +205,7 @@ class Runner:
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
             log.info("%s: %s", ev.name, cell.label)
             row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()
-        atomic_write_json(self.result_path(cell), row)
-        return row
+        return self.store.save_result(self.result_path(cell), row)
 
     # --- a whole matrix ---------------------------------------------------------------------------
     def run(self, matrix: Matrix, progress=sys.stderr, retry_failed: bool = True) -> list[CellOutcome]:

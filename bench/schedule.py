@@ -107,8 +107,8 @@ def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
             p.todo.append(c)
             if c.defense.needs_backdoored_model:
                 key = digest(c.backdoor_ident())
-                if key not in p.backdoors and not runner.store.load_json(
-                        runner.store.dir("backdoor", key) / "meta.json"):
+                meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
+                if key not in p.backdoors and not (isinstance(meta, dict) and "sha256" in meta):
                     p.backdoors[key] = c
     return p
 
@@ -117,7 +117,9 @@ def estimate_seconds(p: Plan, runner) -> float | None:
     """Estimated serial compute time from finished work of the same kind in the store."""
     seen: dict[tuple, list[float]] = defaultdict(list)
     for path in (runner.store.root / "results").glob("*.json"):
-        r = runner.store.load_json(path) or {}
+        r, _ = runner.store.load_result(path)
+        if r is None:
+            continue
         seen[("cell", r.get("dataset"), r.get("model"), r.get("defense"))].append(r.get("wall_time_s", 0))
         if r.get("backdoor"):
             seen[("backdoor", r.get("dataset"), r.get("model"))].append(r["backdoor"].get("wall_time_s") or 0)
