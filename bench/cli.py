@@ -46,7 +46,8 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import check_writable, dry_run_text, execute, parse_devices, plan, preflight, select
+    from .schedule import (check_writable, dry_run_text, earlier_failure, execute, parse_devices, plan, preflight,
+                           select)
 
     matrix, runner = _setup(args)
     try:
@@ -69,6 +70,10 @@ def cmd_run(args) -> int:
     check_writable(runner.store.root, "--output")
     check_writable(_report_dir(args, matrix), "--report-dir")
     preflight(p.todo, runner)
+    retried = sum(1 for c in p.todo if (earlier_failure(runner, c) or {}).get("cause") == "environment")
+    if retried:
+        print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
+              f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
     outcomes = execute(p, runner, slots, executor=args.executor)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -79,7 +84,10 @@ def cmd_run(args) -> int:
     md, _ = write_report(matrix, runner, _report_dir(args, matrix))
     print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
     for o in failed:
-        print(f"FAILED {o.cell.label}: {o.error}", file=sys.stderr)
+        cause = getattr(o.error, "cause", None)
+        hint = {"environment": " [environment: the next run retries it]",
+                "cell": " [cell: --retry-failed reruns it]"}.get(cause, "")
+        print(f"FAILED {o.cell.label}: {o.error}{hint}", file=sys.stderr)
     return 1 if failed else 0
 
 

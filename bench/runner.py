@@ -218,7 +218,9 @@ class Runner:
         return self.store.root / "failures" / f"{digest(cell.result_ident())}.json"
 
     def record_failure(self, cell: Cell, error: str, tb: str) -> None:
-        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": error, "traceback": tb})
+        """``error.cause`` (see :class:`~bench.schedule.Failure`) decides whether the next run retries it."""
+        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": str(error), "traceback": tb,
+                                                    "cause": getattr(error, "cause", "cell")})
 
     def cell_log(self, cell: Cell) -> logging.Handler:
         """Attach a log file for this cell to the root logger (the caller removes it)."""

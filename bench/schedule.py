@@ -22,6 +22,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
@@ -96,12 +97,67 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     return cells
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop, keep what is finished, write nothing half-done (a BaseException, so
+    that no ``except Exception`` of a task records it as the cell's failure)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --- failures and their causes -----------------------------------------------------------------
+
+#: exceptions that say the machine or its files failed, not the cell's code: retried on the next run
+ENVIRONMENT_ERRORS = ("DataNotFoundError", "DataError", "BadZipFile", "OSError", "IOError", "PermissionError",
+                      "FileNotFoundError", "MemoryError", "OutOfMemoryError", "Interrupted", "KeyboardInterrupt",
+                      "worker died", "ray task died", "No space left", "Read-only file system")
+
+
+class Failure(str):
+    """An error message that carries its cause across processes: ``environment`` (data, disk,
+    memory, an interruption, a dead worker; retried by the next run) or ``cell`` (the cell's own code
+    or parameters; rerun only with ``--retry-failed``)."""
+
+    def __new__(cls, text: str, cause: str | None = None):
+        obj = super().__new__(cls, text)
+        obj.cause = cause or failure_cause(text)
+        return obj
+
+    def __reduce__(self):
+        return Failure, (str(self), self.cause)
+
+
+def failure_cause(error, exc: BaseException | None = None) -> str:
+    if exc is not None:
+        import zipfile
+
+        from .data import DataError
+
+        env = (OSError, MemoryError, DataError, zipfile.BadZipFile, KeyboardInterrupt, Interrupted)
+        oom = getattr(torch.cuda, "OutOfMemoryError", None)
+        if isinstance(exc, env) or (oom is not None and isinstance(exc, oom)):
+            return "environment"
+    return "environment" if any(m in str(error) for m in ENVIRONMENT_ERRORS) else "cell"
+
+
+def earlier_failure(runner, cell: Cell) -> dict | None:
+    """The failure record of an earlier run, with its cause (records older than causes: from the text)."""
+    rec = runner.store.load_json(runner.failure_path(cell))
+    if not isinstance(rec, dict):
+        return None
+    rec.setdefault("cause", failure_cause(rec.get("error", "")))
+    return rec
+
+
 def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
     p = Plan(list(cells))
     for c in cells:
         if runner.cached_result(c) is not None:
             p.cached.append(c)
-        elif not retry_failed and runner.failure_path(c).exists():
+            continue
+        rec = None if retry_failed else earlier_failure(runner, c)
+        if rec is not None and rec["cause"] == "cell":
             p.failed_before.append(c)
         else:
             p.todo.append(c)
@@ -251,7 +307,7 @@ def _run_task(runner, kind: str, cell: Cell):
     except Exception as e:  # recorded, reported, and the matrix goes on
         tb = traceback.format_exc()
         log.error("%s %s failed:\n%s", kind, cell.label, tb)
-        return "failed", repr(e), tb, time.time() - t0
+        return "failed", Failure(repr(e), failure_cause(repr(e), e)), tb, time.time() - t0
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -286,7 +342,7 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
     for c in p.cached:
         outcomes[id(c)] = CellOutcome(c, "cached", runner.cached_result(c))
     for c in p.failed_before:
-        rec = runner.store.load_json(runner.failure_path(c)) or {}
+        rec = earlier_failure(runner, c) or {}
         outcomes[id(c)] = CellOutcome(c, "failed", error=f"failed in an earlier run: {rec.get('error')} "
                                                          f"(--retry-failed reruns it)")
     workers = len(slots) if slots else 1
@@ -301,10 +357,12 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
             prog.done += 1
             prog.durations.append(seconds)
             outcomes[id(cell)] = CellOutcome(cell, "done", payload, seconds=seconds)
+            runner.failure_path(cell).unlink(missing_ok=True)  # an earlier failure is resolved
             asr = payload["asr"]
             prog.say(f"{cell.label}: ACC {100 * payload['acc']:.1f} ASR {100 * asr:.1f} ({seconds:.1f}s)")
         else:
             prog.failed += 1
+            payload = payload if isinstance(payload, Failure) else Failure(str(payload))
             runner.record_failure(cell, payload, tb or "")
             outcomes[id(cell)] = CellOutcome(cell, "failed", error=payload, seconds=seconds)
             prog.say(f"{cell.label}: FAILED {payload}")
@@ -369,7 +427,8 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                             futures[pool.submit(_worker_task, "cell", cell)] = ("cell", None, cell)
                     else:
                         for cell in waiting.pop(key):
-                            finish(cell, "failed", f"backdoored model failed: {payload}", tb, 0.0)
+                            finish(cell, "failed", Failure(f"backdoored model failed: {payload}",
+                                                           getattr(payload, "cause", None)), tb, 0.0)
         prog.running = 0
     return [outcomes[id(c)] for c in p.cells]
 
