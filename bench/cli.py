@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import (check_writable, dry_run_text, earlier_failure, execute, parse_devices, plan, preflight,
-                           select)
+    from .schedule import (Interrupted, check_writable, dry_run_text, earlier_failure, execute, on_signals,
+                           parse_devices, plan, preflight, raise_interrupted, select)
 
     matrix, runner = _setup(args)
     try:
@@ -75,7 +76,17 @@ def cmd_run(args) -> int:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
-    outcomes = execute(p, runner, slots, executor=args.executor)
+    restore = on_signals(raise_interrupted)
+    try:
+        outcomes = execute(p, runner, slots, executor=args.executor)
+    except Interrupted as e:
+        finished = sum(runner.cached_result(c) is not None for c in p.todo)
+        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} were cached "
+              f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
+              f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        restore()
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
@@ -166,6 +177,7 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
 
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
     try:

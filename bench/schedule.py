@@ -18,6 +18,7 @@ recorded from an earlier run are skipped unless ``retry_failed``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -314,6 +315,14 @@ def _run_task(runner, kind: str, cell: Cell):
 
 
 _WORKER_RUNNER = None
+_WORKER_BUSY = False
+
+
+def _worker_sigterm(signum, frame):
+    """In a worker: unwind the running task (its ``finally`` blocks remove temporary files), then exit."""
+    if _WORKER_BUSY:
+        raise Interrupted(signum)
+    os._exit(128 + signum)
 
 
 def _init_worker(slots, store_root, data_root, trainer_options):
@@ -321,6 +330,9 @@ def _init_worker(slots, store_root, data_root, trainer_options):
     from .runner import Runner
     from .store import Store
 
+    # Ctrl-C reaches every process of the terminal's group: the parent decides, and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     slot = slots.get()
     torch.set_num_threads(slot.threads)
     logging.getLogger("bench").setLevel(logging.INFO)
@@ -329,7 +341,43 @@ def _init_worker(slots, store_root, data_root, trainer_options):
 
 
 def _worker_task(kind, cell):
-    return _run_task(_WORKER_RUNNER, kind, cell)
+    global _WORKER_BUSY
+    _WORKER_BUSY = True
+    try:
+        return _run_task(_WORKER_RUNNER, kind, cell)
+    except Interrupted as e:
+        os._exit(128 + e.signum)
+    finally:
+        _WORKER_BUSY = False
+
+
+def _stop_workers(pool, grace: float = 10.0) -> None:
+    """Stop a process pool now: cancel what has not started, SIGTERM the workers (each unwinds its
+    task, removing temporary files), SIGKILL any that outlive ``grace`` seconds."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    deadline = time.time() + grace
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def on_signals(handler):
+    """Install ``handler`` for SIGINT and SIGTERM; returns a function that restores the previous ones."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def raise_interrupted(signum, frame):
+    """Signal handler of ``run``: later signals are ignored while it stops, the first one unwinds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -403,9 +451,10 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         queue = ctx.Queue()
         for s in slots:
             queue.put(s)
-        with ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue, str(runner.store.root), runner.data_root,
-                                           runner.trainer_options)) as pool:
+        pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
+                                   initargs=(queue, str(runner.store.root), runner.data_root,
+                                             runner.trainer_options))
+        try:
             futures = {}
             for key, c in p.backdoors.items():
                 futures[pool.submit(_worker_task, "backdoor", c)] = ("backdoor", key, c)
@@ -429,6 +478,10 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                         for cell in waiting.pop(key):
                             finish(cell, "failed", Failure(f"backdoored model failed: {payload}",
                                                            getattr(payload, "cause", None)), tb, 0.0)
+        except BaseException:  # an interruption (or a bug here): no worker outlives this process
+            _stop_workers(pool)
+            raise
+        pool.shutdown(wait=True)
         prog.running = 0
     return [outcomes[id(c)] for c in p.cells]
 
