@@ -48,7 +48,7 @@ def _report_dir(args, matrix) -> Path:
 
 def cmd_run(args) -> int:
     from .schedule import (Interrupted, check_writable, dry_run_text, earlier_failure, execute, on_signals,
-                           parse_devices, plan, preflight, raise_interrupted, select)
+                           numerics_conflict, parse_devices, plan, preflight, raise_interrupted, select)
 
     matrix, runner = _setup(args)
     try:
@@ -92,6 +92,12 @@ def cmd_run(args) -> int:
     cached = sum(o.status == "cached" for o in outcomes)
     from .report import write_report
 
+    conflict = numerics_conflict(matrix.cells, runner)
+    if conflict and not args.allow_mixed_numerics:
+        print(f"{done} computed, {cached} cached, {len(failed)} failed; no report: {conflict}", file=sys.stderr)
+        return 2
+    if conflict:
+        print(f"warning: {conflict}", file=sys.stderr)
     md, _ = write_report(matrix, runner, _report_dir(args, matrix))
     print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
     for o in failed:
@@ -105,7 +111,14 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
+    from .schedule import numerics_conflict
+
     matrix, runner = _setup(args)
+    conflict = numerics_conflict(matrix.cells, runner)
+    if conflict and not args.allow_mixed_numerics:
+        raise ConfigError(f"report: {conflict}")
+    if conflict:
+        print(f"warning: {conflict}", file=sys.stderr)
     md, missing = write_report(matrix, runner, _report_dir(args, matrix))
     print(md.read_text())
     print(f"written: {md.parent}/tables.md, tables.csv, results.csv", file=sys.stderr)
@@ -150,6 +163,10 @@ def main(argv=None) -> int:
         sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
         sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+        sp.add_argument("--allow-mixed-numerics", action="store_true",
+                        help="render a table whose results were computed with different device, dtype, thread "
+                             "count or torch version (refused by default: such numbers are not comparable bit "
+                             "for bit)")
 
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)

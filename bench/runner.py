@@ -64,6 +64,17 @@ def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest) -> di
             "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
 
 
+def numerics(device, bf16: bool) -> dict:
+    """How this process computes: results agree bit for bit only at equal values of all four (CPU
+    kernels reduce in a different order with another thread count; GPUs and bf16 differ again)."""
+    dev = torch.device(device)
+    name = dev.type
+    if dev.type == "cuda" and torch.cuda.is_available():
+        name = f"cuda ({torch.cuda.get_device_name(dev)})"
+    return {"device": name, "dtype": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
 @dataclass
 class CellOutcome:
     cell: Cell
@@ -129,6 +140,7 @@ class Runner:
             ev = evaluate(trainer, model, ds.test, trig)
             self.store.save_model("backdoor", key, model, {
                 **cell.backdoor_ident(), **ev, "wall_time_s": time.time() - t0,
+                "numerics": numerics(self.device, trainer.bf16),
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
         return self.load_backdoored(cell)
 
@@ -191,13 +203,13 @@ class Runner:
         wall = time.time() - t0
         n = len(poisoned.train)
         row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig),
-               "wall_time_s": wall,
+               "wall_time_s": wall, "numerics": numerics(self.device, trainer.bf16),
                "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
                "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
                "info": out.info, "observations": observations, "key": digest(cell.result_ident())}
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "asr", "ra", "wall_time_s",
-                                                                 "epoch_equivalents")}
+                                                                 "epoch_equivalents", "numerics")}
         if out.flagged is not None:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():

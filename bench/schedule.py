@@ -170,6 +170,33 @@ def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
     return p
 
 
+NUMERICS_FIELDS = ("device", "dtype", "threads", "torch")
+
+
+def numerics_conflict(cells: list[Cell], runner) -> str | None:
+    """One line naming how the finished results of one table (a dataset and model) differ in numerics
+    (device, dtype, threads, torch version; the backdoored model's count too), else None.  Results
+    written before numerics were recorded cannot be compared and are left out."""
+    tables: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+    for c in cells:
+        r = runner.cached_result(c)
+        if r is None:
+            continue
+        for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")):
+            if isinstance(n, dict):
+                tables[(c.dataset.label, c.model)][tuple(str(n.get(k)) for k in NUMERICS_FIELDS)] += 1
+    for (dataset, model), kinds in tables.items():
+        if len(kinds) < 2:
+            continue
+        differ = [i for i, k in enumerate(NUMERICS_FIELDS) if len({v[i] for v in kinds}) > 1]
+        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({n} result{'s' * (n > 1)})"
+                 for v, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        return (f"the {dataset}/{model} table would mix numerics: " + " vs ".join(parts) +
+                "; results agree only at equal device, dtype and thread count: recompute the odd ones "
+                "(delete them, or use another --output) or pass --allow-mixed-numerics")
+    return None
+
+
 def estimate_seconds(p: Plan, runner) -> float | None:
     """Estimated serial compute time from finished work of the same kind in the store."""
     seen: dict[tuple, list[float]] = defaultdict(list)

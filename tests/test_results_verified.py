@@ -50,3 +50,25 @@ def test_bad_results_are_listed_by_report_and_recomputed_by_run(finished, capsys
     assert json.loads(paths[1].read_text())["acc"] == original  # recomputed (same seed, same numerics)
     assert main(["run", *args]) == 0
     assert "0 computed, 4 cached" in capsys.readouterr().err
+
+
+def test_report_refuses_to_mix_thread_counts(tmp_path, capsys):
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump(matrix_dict(recipe={"epochs": 2, "batch_size": 64, "crop_padding": 1, "flip": False},
+                                            seeds=[0, 1])))
+    common = [str(m), "--output", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "rep")]
+    assert main(["run", *common, "--threads", "1", "--only", "seed=0"]) == 0
+    assert main(["report", *common]) == 0
+    [row] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "results").glob("*.json")][:1]
+    assert row["numerics"]["threads"] == 1 and row["numerics"]["dtype"] == "fp32"
+    assert row["backdoor"]["numerics"]["device"] == "cpu" and row["numerics"]["torch"]
+    capsys.readouterr()
+    assert main(["run", *common, "--threads", "2", "--only", "seed=1"]) == 2  # computed, but no mixed table
+    err = capsys.readouterr().err
+    assert ("no report: the digits/tiny_cnn table would mix numerics: threads 1 (2 results) vs threads 2 "
+            "(2 results); results agree only at equal device, dtype and thread count") in err
+    assert main(["report", *common]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: report: the digits/tiny_cnn table would mix numerics: threads 1")
+    assert main(["report", *common, "--allow-mixed-numerics"]) == 0
+    assert capsys.readouterr().err.startswith("warning: the digits/tiny_cnn table would mix numerics")
