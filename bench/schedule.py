@@ -197,24 +197,136 @@ def numerics_conflict(cells: list[Cell], runner) -> str | None:
     return None
 
 
-def estimate_seconds(p: Plan, runner) -> float | None:
-    """Estimated serial compute time from finished work of the same kind in the store."""
-    seen: dict[tuple, list[float]] = defaultdict(list)
-    for path in (runner.store.root / "results").glob("*.json"):
-        r, _ = runner.store.load_result(path)
-        if r is None:
-            continue
-        seen[("cell", r.get("dataset"), r.get("model"), r.get("defense"))].append(r.get("wall_time_s", 0))
-        if r.get("backdoor"):
-            seen[("backdoor", r.get("dataset"), r.get("model"))].append(r["backdoor"].get("wall_time_s") or 0)
-    total, known = 0.0, True
-    for c in p.backdoors.values():
-        t = seen.get(("backdoor", c.dataset.name, c.model))
-        total, known = (total + mean(t), known) if t else (total, False)
-    for c in p.todo:
-        t = seen.get(("cell", c.dataset.name, c.model, c.defense.key))
-        total, known = (total + mean(t), known) if t else (total, False)
-    return total if known else None
+# --- cost model and ETA ------------------------------------------------------------------------
+
+def _speed_key(dataset: str, train_limit, model: str) -> tuple:
+    return (dataset, train_limit, model)
+
+
+def _defense_key(dataset: str, train_limit, model: str, defense: str, params: dict, recipe: dict) -> str:
+    return digest({"dataset": dataset, "train_limit": train_limit, "model": model, "defense": defense,
+                   "params": params, "recipe": recipe})
+
+
+def _cell_defense_key(c: Cell) -> str:
+    from .registry import params_of
+
+    return _defense_key(c.dataset.name, c.dataset.train_limit, c.model, c.defense.key, params_of(c.defense),
+                        c.recipe.as_dict())
+
+
+class CostModel:
+    """Remaining time from the planned work and its measured cost.
+
+    Work is counted in epoch-equivalents (ee: samples through a training step, plus a third of the
+    forward-only samples, over the training-set size).  A backdoored model costs ``recipe.epochs`` ee;
+    a cell costs what the same defense (same parameters, recipe, dataset and model) cost before, in
+    this run or in the store, plus a fixed overhead per cell (loading, poisoning, evaluation).  The
+    speed, seconds per ee, is measured per dataset and model: this run's trainings when there are
+    any, else earlier results in the store computed with the same device and thread count.
+
+    An estimate is a *guess* while some part of it is not measured: a defense whose ee is unknown
+    (taken as ``recipe.epochs`` for one that trains from scratch, a tenth of it for a repair; 0,
+    known, for one that does not train), a
+    speed taken from earlier runs only, or the per-cell overhead before any cell finished.  It is
+    *unknown* while no training of a dataset/model in the plan has a measured speed.
+    """
+
+    def __init__(self, numerics: dict | None = None):
+        self.numerics = numerics or {}
+        self.speed: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # this run: [seconds, ee]
+        self.speed_before: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # earlier runs
+        self.cell_ee: dict[str, float] = {}  # defense key -> ee (this run wins over earlier runs)
+        self.overheads: list[float] = []  # this run: seconds of a cell beyond its ee x speed
+
+    # --- measurements ------------------------------------------------------------------------
+    def observe_backdoor(self, c: Cell, seconds: float, ee: float | None = None) -> None:
+        ee = float(c.recipe.epochs) if ee is None else ee
+        if ee > 0 and seconds > 0:
+            acc = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
+            acc[0] += seconds
+            acc[1] += ee
+
+    def observe_cell(self, c: Cell, seconds: float, ee: float) -> None:
+        self.cell_ee[_cell_defense_key(c)] = ee
+        spe = self.seconds_per_ee(c)[0]
+        if spe is not None:
+            self.overheads.append(max(0.0, seconds - ee * spe))
+        elif ee > 0 and seconds > 0 and not c.defense.needs_backdoored_model:
+            # a from-scratch defense is mostly training: its cost measures the speed until a plain
+            # training does (it slightly overstates it by the overhead)
+            acc = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
+            acc[0] += seconds
+            acc[1] += ee
+
+    def load_history(self, store) -> None:
+        """Earlier results in the store with the same device and thread count (where recorded)."""
+        same = {k: self.numerics.get(k) for k in ("device", "threads") if self.numerics.get(k) is not None}
+        for path in (store.root / "results").glob("*.json"):
+            r, _ = store.load_result(path)
+            if r is None or any((r.get("numerics") or {}).get(k, v) != v for k, v in same.items()):
+                continue
+            key = _defense_key(r.get("dataset"), r.get("train_limit"), r.get("model"), r.get("defense"),
+                               r.get("defense_params"), r.get("recipe"))
+            self.cell_ee.setdefault(key, r["epoch_equivalents"])
+            b = r.get("backdoor") or {}
+            if b.get("wall_time_s") and b.get("epoch_equivalents"):
+                acc = self.speed_before[_speed_key(r.get("dataset"), r.get("train_limit"), r.get("model"))]
+                acc[0] += b["wall_time_s"]
+                acc[1] += b["epoch_equivalents"]
+
+    # --- estimates ---------------------------------------------------------------------------
+    def seconds_per_ee(self, c: Cell) -> tuple[float | None, bool]:
+        """(seconds per epoch-equivalent, measured in this run)."""
+        key = _speed_key(c.dataset.name, c.dataset.train_limit, c.model)
+        for table, here in ((self.speed, True), (self.speed_before, False)):
+            sec, ee = table.get(key, (0.0, 0.0))
+            if ee > 0:
+                return sec / ee, here
+        return None, False
+
+    def cell_cost_ee(self, c: Cell) -> tuple[float, bool]:
+        """(epoch-equivalents of the cell's defense, measured)."""
+        key = _cell_defense_key(c)
+        if key in self.cell_ee:
+            return self.cell_ee[key], True
+        if not c.defense.trains:
+            return 0.0, True
+        return float(c.recipe.epochs) * (0.1 if c.defense.needs_backdoored_model else 1.0), False
+
+    def task_seconds(self, kind: str, c: Cell) -> tuple[float | None, bool]:
+        """(seconds, is a guess) of one task; None when its speed is not known at all."""
+        spe, here = self.seconds_per_ee(c)
+        if spe is None:
+            return None, True
+        if kind == "backdoor":
+            return c.recipe.epochs * spe, not here
+        ee, measured = self.cell_cost_ee(c)
+        overhead = sorted(self.overheads)[len(self.overheads) // 2] if self.overheads else 0.0
+        return overhead + ee * spe, not (here and measured and self.overheads)
+
+    def remaining(self, backdoors: list[Cell], cells: list[Cell], workers: int = 1) -> tuple[float | None, int]:
+        """(wall seconds of the remaining work over ``workers``, number of tasks whose cost is a guess);
+        seconds is None while a task's speed is unknown."""
+        total, guesses = 0.0, 0
+        for kind, group in (("backdoor", backdoors), ("cell", cells)):
+            for c in group:
+                sec, guess = self.task_seconds(kind, c)
+                if sec is None:
+                    return None, len(backdoors) + len(cells)
+                total += sec
+                guesses += guess
+        n = len(backdoors) + len(cells)
+        return total / max(1, min(workers, n)), guesses
+
+
+def estimate_seconds(p: Plan, runner) -> tuple[float | None, int]:
+    """(serial seconds of the plan from the store's earlier measurements, tasks whose cost is a guess)."""
+    from .runner import numerics
+
+    model = CostModel(numerics(runner.device, False))
+    model.load_history(runner.store)
+    return model.remaining(list(p.backdoors.values()), p.todo, 1)
 
 
 # --- checks before any work ------------------------------------------------------------------
@@ -297,19 +409,48 @@ def preflight(cells: list[Cell], runner) -> None:
 # --- progress ---------------------------------------------------------------------------------
 
 class Progress:
-    def __init__(self, total: int, workers: int, stream=sys.stderr):
+    """Counts, and an ETA from the remaining planned work and its measured cost (:class:`CostModel`)."""
+
+    def __init__(self, total: int, workers: int, stream=sys.stderr, cost: CostModel | None = None,
+                 backdoors: dict | None = None, cells: list | None = None):
         self.total, self.workers, self.stream = total, workers, stream
         self.done = self.failed = self.running = 0
         self.durations: list[float] = []
         self.t0 = time.time()
+        self.cost = cost or CostModel()
+        self.backdoors_left = dict(backdoors or {})  # backdoor key -> a cell that needs it
+        self.cells_left = {id(c): c for c in (cells or [])}
+
+    def backdoor_done(self, key: str, seconds: float | None = None, ee: float | None = None) -> None:
+        c = self.backdoors_left.pop(key, None)
+        if c is not None and seconds:
+            self.cost.observe_backdoor(c, seconds, ee)
+
+    def cell_done(self, c: Cell, seconds: float, result: dict | None) -> None:
+        self.cells_left.pop(id(c), None)
+        if result is None:
+            return
+        b = result.get("backdoor") or {}
+        key = digest(c.backdoor_ident())
+        if key in self.backdoors_left:  # an executor that reports only cells (Ray): learn it here
+            self.backdoor_done(key, b.get("wall_time_s"), b.get("epoch_equivalents"))
+        self.cost.observe_cell(c, seconds, result.get("epoch_equivalents", 0.0))
+
+    def eta(self) -> str:
+        if not self.cells_left:
+            return ""
+        seconds, guesses = self.cost.remaining(list(self.backdoors_left.values()), list(self.cells_left.values()),
+                                               self.workers)
+        if seconds is None:
+            return ", ETA unknown until a training finishes"
+        tasks = len(self.backdoors_left) + len(self.cells_left)
+        if guesses:
+            return f", ETA ~{fmt_seconds(seconds)} (a guess: {guesses} of {tasks} tasks not measured yet)"
+        return f", ETA {fmt_seconds(seconds)}"
 
     def line(self) -> str:
-        left = self.total - self.done - self.failed
-        eta = ""
-        if self.durations and left:
-            eta = f", ETA {fmt_seconds(left * mean(self.durations) / self.workers)}"
         return (f"[{self.done + self.failed}/{self.total}] done {self.done}, running {self.running}, "
-                f"failed {self.failed}{eta}")
+                f"failed {self.failed}{self.eta()}")
 
     def say(self, msg: str) -> None:
         if self.stream is not None:
@@ -407,6 +548,11 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def _backdoor_ee(runner, key: str) -> float | None:
+    meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
+    return meta.get("epoch_equivalents") if isinstance(meta, dict) else None
+
+
 # --- execution -------------------------------------------------------------------------------
 
 def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, executor: str = "local"):
@@ -421,7 +567,12 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         outcomes[id(c)] = CellOutcome(c, "failed", error=f"failed in an earlier run: {rec.get('error')} "
                                                          f"(--retry-failed reruns it)")
     workers = len(slots) if slots else 1
-    prog = Progress(len(p.todo), workers, progress)
+    from .runner import numerics
+
+    cost = CostModel(numerics(slots[0].device if slots else runner.device, False) | (
+        {"threads": slots[0].threads} if slots else {}))
+    cost.load_history(runner.store)
+    prog = Progress(len(p.todo), workers, progress, cost, p.backdoors, p.todo)
     if p.todo and progress is not None:
         actual, naive = p.trainings()
         print(f"{len(p.cells)} cells: {len(p.cached)} cached, {len(p.todo)} to run "
@@ -431,12 +582,14 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         if status == "done":
             prog.done += 1
             prog.durations.append(seconds)
+            prog.cell_done(cell, seconds, payload)
             outcomes[id(cell)] = CellOutcome(cell, "done", payload, seconds=seconds)
             runner.failure_path(cell).unlink(missing_ok=True)  # an earlier failure is resolved
             asr = payload["asr"]
             prog.say(f"{cell.label}: ACC {100 * payload['acc']:.1f} ASR {100 * asr:.1f} ({seconds:.1f}s)")
         else:
             prog.failed += 1
+            prog.cell_done(cell, seconds, None)
             payload = payload if isinstance(payload, Failure) else Failure(str(payload))
             runner.record_failure(cell, payload, tb or "")
             outcomes[id(cell)] = CellOutcome(cell, "failed", error=payload, seconds=seconds)
@@ -460,11 +613,13 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         # results reach the store as early as possible
         for key, c in p.backdoors.items():
             status, err, tb, dt = _run_task(runner, "backdoor", c)
+            prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
             if status == "done":
                 run_cells(waiting.pop(key))
             else:
                 for cell in waiting.pop(key):
-                    finish(cell, "failed", f"backdoored model failed: {err}", tb, 0.0)
+                    finish(cell, "failed", Failure(f"backdoored model failed: {err}", getattr(err, "cause", None)),
+                           tb, 0.0)
         prog.running = 0
     elif executor == "ray":
         from .ray_executor import run_ray
@@ -498,7 +653,9 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                         status, payload, tb, dt = "failed", f"worker died: {e!r}", traceback.format_exc(), 0.0
                     if kind == "cell":
                         finish(c, status, payload, tb, dt)
-                    elif status == "done":
+                        continue
+                    prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
+                    if status == "done":
                         for cell in waiting.pop(key):
                             futures[pool.submit(_worker_task, "cell", cell)] = ("cell", None, cell)
                     else:
@@ -517,11 +674,14 @@ def dry_run_text(p: Plan, runner) -> str:
     actual, naive = p.trainings()
     lines = [("cached  " if c in p.cached else "failed  " if c in p.failed_before else "todo    ") + c.label
              for c in p.cells]
-    est = estimate_seconds(p, runner)
+    est, guesses = estimate_seconds(p, runner)
     lines += ["", f"cells: {len(p.cells)} ({len(p.cached)} cached, {len(p.todo)} to run, "
                   f"{len(p.failed_before)} failed earlier)",
               f"backdoored models to train: {len(p.backdoors)}",
               f"trainings to execute: {actual} (a naive cell-by-cell pipeline: {naive})",
-              "estimated compute: " + (fmt_seconds(est) + " (serial, from finished cells of the same kind)"
-                                       if est is not None else "unknown until cells of each kind have finished")]
+              "estimated compute: " + (
+                  "unknown until a training of each dataset and model has finished" if est is None else
+                  fmt_seconds(est) + " (serial, from earlier measurements in the store" +
+                  (f"; a guess: {guesses} of {len(p.backdoors) + len(p.todo)} tasks not measured yet)"
+                   if guesses else ")"))]
     return "\n".join(lines)
