@@ -221,9 +221,10 @@ class CostModel:
     Work is counted in epoch-equivalents (ee: samples through a training step, plus a third of the
     forward-only samples, over the training-set size).  A backdoored model costs ``recipe.epochs`` ee;
     a cell costs what the same defense (same parameters, recipe, dataset and model) cost before, in
-    this run or in the store, plus a fixed overhead per cell (loading, poisoning, evaluation).  The
-    speed, seconds per ee, is measured per dataset and model: this run's trainings when there are
-    any, else earlier results in the store computed with the same device and thread count.
+    this run or in the store, plus a fixed overhead per cell (loading, poisoning, evaluation: the
+    time of cells that train nothing).  The speed, seconds per ee, is measured per dataset and model
+    over this run's most recent trainings (backdoored models and cells, overhead removed), else over
+    earlier results in the store computed with the same device and thread count.
 
     An estimate is a *guess* while some part of it is not measured: a defense whose ee is unknown
     (taken as ``recipe.epochs`` for one that trains from scratch, a tenth of it for a repair; 0,
@@ -232,32 +233,46 @@ class CostModel:
     *unknown* while no training of a dataset/model in the plan has a measured speed.
     """
 
+    #: trainings the current speed is measured over (recent ones: the load of a shared machine changes)
+    WINDOW = 5
+    #: epoch-equivalents below which a cell counts as training nothing (its time is overhead)
+    MIN_EE = 0.05
+
     def __init__(self, numerics: dict | None = None):
         self.numerics = numerics or {}
-        self.speed: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # this run: [seconds, ee]
-        self.speed_before: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # earlier runs
+        # this run: recent (seconds, ee) samples of training, per dataset and model; the speed follows
+        # the machine's current load (a shared machine's speed changes during a run)
+        self.speed: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        self.speed_before: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # earlier runs: sums
         self.cell_ee: dict[str, float] = {}  # defense key -> ee (this run wins over earlier runs)
-        self.overheads: list[float] = []  # this run: seconds of a cell beyond its ee x speed
+        self.bare: list[float] = []  # this run: seconds of cells that train nothing (pure overhead)
+        self.residuals: list[float] = []  # this run: seconds of a training cell beyond its ee x speed
 
-    # --- measurements ------------------------------------------------------------------------
+    def _sample(self, c: Cell, seconds: float, ee: float) -> None:
+        samples = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
+        samples.append((seconds, ee))
+        del samples[:-self.WINDOW]
+
     def observe_backdoor(self, c: Cell, seconds: float, ee: float | None = None) -> None:
         ee = float(c.recipe.epochs) if ee is None else ee
         if ee > 0 and seconds > 0:
-            acc = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
-            acc[0] += seconds
-            acc[1] += ee
+            self._sample(c, seconds, ee)
 
     def observe_cell(self, c: Cell, seconds: float, ee: float) -> None:
         self.cell_ee[_cell_defense_key(c)] = ee
-        spe = self.seconds_per_ee(c)[0]
-        if spe is not None:
-            self.overheads.append(max(0.0, seconds - ee * spe))
-        elif ee > 0 and seconds > 0 and not c.defense.needs_backdoored_model:
-            # a from-scratch defense is mostly training: its cost measures the speed until a plain
-            # training does (it slightly overstates it by the overhead)
-            acc = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
-            acc[0] += seconds
-            acc[1] += ee
+        if ee < self.MIN_EE:  # a cell that trains (almost) nothing: its time is the per-cell overhead
+            self.bare.append(seconds)
+            return
+        spe, here = self.seconds_per_ee(c)
+        if spe is not None and here:
+            self.residuals.append(max(0.0, seconds - ee * spe))
+        self._sample(c, max(seconds - self.overhead(), 0.5 * seconds), ee)
+
+    def overhead(self) -> float:
+        """Seconds per cell beyond its training: the median of cells that train nothing, else of the
+        residuals of training cells, else 0."""
+        values = sorted(self.bare or self.residuals)
+        return values[len(values) // 2] if values else 0.0
 
     def load_history(self, store) -> None:
         """Earlier results in the store with the same device and thread count (where recorded)."""
@@ -277,13 +292,14 @@ class CostModel:
 
     # --- estimates ---------------------------------------------------------------------------
     def seconds_per_ee(self, c: Cell) -> tuple[float | None, bool]:
-        """(seconds per epoch-equivalent, measured in this run)."""
+        """(seconds per epoch-equivalent, measured in this run): over this run's last ``WINDOW``
+        trainings of the dataset and model, else over the earlier runs in the store."""
         key = _speed_key(c.dataset.name, c.dataset.train_limit, c.model)
-        for table, here in ((self.speed, True), (self.speed_before, False)):
-            sec, ee = table.get(key, (0.0, 0.0))
-            if ee > 0:
-                return sec / ee, here
-        return None, False
+        samples = self.speed.get(key)
+        if samples:
+            return sum(s for s, _ in samples) / sum(e for _, e in samples), True
+        sec, ee = self.speed_before.get(key, (0.0, 0.0))
+        return (sec / ee, False) if ee > 0 else (None, False)
 
     def cell_cost_ee(self, c: Cell) -> tuple[float, bool]:
         """(epoch-equivalents of the cell's defense, measured)."""
@@ -302,8 +318,7 @@ class CostModel:
         if kind == "backdoor":
             return c.recipe.epochs * spe, not here
         ee, measured = self.cell_cost_ee(c)
-        overhead = sorted(self.overheads)[len(self.overheads) // 2] if self.overheads else 0.0
-        return overhead + ee * spe, not (here and measured and self.overheads)
+        return self.overhead() + ee * spe, not (here and measured and (self.bare or self.residuals))
 
     def remaining(self, backdoors: list[Cell], cells: list[Cell], workers: int = 1) -> tuple[float | None, int]:
         """(wall seconds of the remaining work over ``workers``, number of tasks whose cost is a guess);

@@ -35,12 +35,23 @@ def test_estimate_from_synthetic_timings():
     seconds, guesses = cost.remaining([by["blend", "undefended"]], left)
     assert seconds == 20.0 + (1 + 3 * 2) + (1 + 0) + (1 + 10 * 2)
     assert guesses == 1  # abl is not measured yet
-    cost.observe_cell(by["badnet", "undefended"], seconds=1.0, ee=0.0)
+    cost.observe_cell(by["badnet", "undefended"], seconds=1.0, ee=0.0)  # trains nothing: 1 s of overhead
     cost.observe_cell(by["badnet", "abl"], seconds=45.0, ee=20.0)  # ABL costs 20 ee, not the guessed 10
+    # the speed is now (20 + (7 - 1) + (45 - 1)) s / (10 + 3 + 20) ee = 70/33 s per ee, and the
+    # remaining 10 + 3 + 0 + 20 = 33 ee take 70 s, plus 1 s of overhead for each of the 3 cells
     seconds, guesses = cost.remaining([by["blend", "undefended"]], left)
-    # overhead = the median of the measured ones (1, 1, 5) = 1
-    assert (seconds, guesses) == (20.0 + 7.0 + 1.0 + 41.0, 0)
-    assert cost.remaining([by["blend", "undefended"]], left, workers=2)[0] == (20.0 + 7.0 + 1.0 + 41.0) / 2
+    assert round(seconds, 9) == 73.0 and guesses == 0
+    assert round(cost.remaining([by["blend", "undefended"]], left, workers=2)[0], 9) == 36.5
+
+
+def test_the_speed_follows_the_recent_trainings():
+    by = _cells()
+    cost = CostModel()
+    for _ in range(3):
+        cost.observe_backdoor(by["badnet", "undefended"], seconds=60.0, ee=10.0)  # a loaded machine
+    for _ in range(CostModel.WINDOW):
+        cost.observe_backdoor(by["badnet", "undefended"], seconds=20.0, ee=10.0)  # the load is gone
+    assert cost.seconds_per_ee(by["blend", "abl"]) == (2.0, True)
 
 
 def test_a_from_scratch_cell_measures_the_speed_when_no_training_has():
