@@ -47,14 +47,16 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import (Interrupted, check_writable, dry_run_text, earlier_failure, execute, on_signals,
-                           numerics_conflict, parse_devices, plan, preflight, raise_interrupted, select)
+    from .schedule import Interrupted, dry_run_text, on_signals, parse_devices, plan, raise_interrupted, select
 
     matrix, runner = _setup(args)
     try:
         slots = parse_devices(args.devices or args.device, args.jobs_per_device)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if args.threads < 0:
+        raise ConfigError(f"--threads: {args.threads} is out of range; allowed: >= 1, or 0 for the CPU's cores "
+                          f"divided among workers")
     if args.threads:
         slots = [type(s)(s.device, args.threads) for s in slots]
     runner.device = slots[0].device
@@ -67,6 +69,23 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(dry_run_text(p, runner))
         return 0
+    restore = on_signals(raise_interrupted)  # from here on, SIGINT/SIGTERM end with one line
+    try:
+        return _run_planned(args, matrix, runner, cells, p, slots)
+    except Interrupted as e:
+        finished = sum(runner.cached_result(c) is not None for c in p.todo)
+        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} were cached "
+              f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
+              f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        restore()
+
+
+def _run_planned(args, matrix, runner, cells, p, slots) -> int:
+    from .report import write_report
+    from .schedule import check_writable, earlier_failure, execute, numerics_conflict, preflight
+
     # everything that can fail before training fails here, with one line
     check_writable(runner.store.root, "--output")
     check_writable(_report_dir(args, matrix), "--report-dir")
@@ -76,22 +95,10 @@ def cmd_run(args) -> int:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
-    restore = on_signals(raise_interrupted)
-    try:
-        outcomes = execute(p, runner, slots, executor=args.executor)
-    except Interrupted as e:
-        finished = sum(runner.cached_result(c) is not None for c in p.todo)
-        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} were cached "
-              f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
-              f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)
-        return 128 + e.signum
-    finally:
-        restore()
+    outcomes = execute(p, runner, slots, executor=args.executor)
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
-    from .report import write_report
-
     conflict = numerics_conflict(matrix.cells, runner)
     if conflict and not args.allow_mixed_numerics:
         print(f"{done} computed, {cached} cached, {len(failed)} failed; no report: {conflict}", file=sys.stderr)
@@ -110,7 +117,6 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-
     from .schedule import numerics_conflict
 
     matrix, runner = _setup(args)
@@ -205,3 +211,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, DataError) as e:  # DataNotFoundError is a FileNotFoundError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside ``run``'s own handling (list, report, gallery): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130

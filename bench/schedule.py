@@ -551,7 +551,12 @@ def _stop_workers(pool, grace: float = 10.0) -> None:
 
 
 def on_signals(handler):
-    """Install ``handler`` for SIGINT and SIGTERM; returns a function that restores the previous ones."""
+    """Install ``handler`` for SIGINT and SIGTERM; returns a function that restores the previous ones.
+    Outside the main thread (where Python cannot install handlers) nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in old.items()]
 
