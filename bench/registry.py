@@ -162,9 +162,8 @@ RANGES: tuple[tuple[tuple[str, ...], Range], ...] = (
       "rounds", "em_iters", "fct_draws", "prune_step", "calibrate_probe", "pieces", "k", "score_limit", "radius",
       "patch_size"), Range(1)),
     # step sizes and scales that must be positive
-    (("lr", "*_lr", "gamma", "eps", "pgd_step_size", "bn_eps", "tol", "threshold", "anomaly_threshold",
-      "outlier_std", "init_std", "ascent_cap", "u", "s", "grid_rescale", "frequency", "beta", "scale_min",
-      "scale_max"), Range(0, low_open=True)),
+    (("lr", "*_lr", "gamma", "eps", "pgd_step_size", "bn_eps", "tol", "outlier_std", "init_std", "ascent_cap",
+      "u", "s", "grid_rescale", "frequency", "beta", "scale_min", "scale_max"), Range(0, low_open=True)),
     # shares of a set or of the image, probabilities, opacities, fractions of a schedule
     (("partition_rate", "budgets", "calibrate_candidates"), Range(0, 1, low_open=True)),
     (("betas",), Range(0, 1, high_open=True)),
@@ -173,8 +172,8 @@ RANGES: tuple[tuple[tuple[str, ...], Range], ...] = (
       "translate", "logo_*", "*_range", "delta", "flag_ratio_*"), Range(0, 1)),
     # non-negative amounts, class indices and seeds
     (("weight_decay", "crop_padding", "trigger_seed", "*_seed", "target", "source", "cover_classes",
-      "trigger_chunk", "degrees", "*_degrees", "brightness", "contrast", "lam", "lambda_*", "penalty", "mad_floor",
-      "ridge", "stop_*", "monitor_from_stage"), Range(0)),
+      "trigger_chunk", "threshold", "*_threshold", "degrees", "*_degrees", "brightness", "contrast", "lam",
+      "lambda_*", "penalty", "mad_floor", "ridge", "stop_*", "monitor_from_stage"), Range(0)),
 )
 
 
@@ -278,10 +277,7 @@ def build(cls: type, params: dict, where: str):
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        # a component's own check says "field: ..." (or "recipe.field: ..."): name it as the matrix does
-        m = re.match(r"^(?:\w+\.)?(\w+): (.*)$", " ".join(str(e).split()))
-        if m and m.group(1) in fields:
-            raise ConfigError(f"{where}.{m.group(1)}: {m.group(2)}") from None
+        # a component's own check names its field ("style: 'x' is not one of ..."); one line
         raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 

@@ -26,12 +26,15 @@ def test_readme_matrix_example_loads(tmp_path):
                                            (".5e-2", 0.005), ("0.0005", 5e-4), ("3", 3.0)])
 def test_numbers_as_people_write_them(tmp_path, written, value):
     path = tmp_path / "m.yaml"
-    path.write_text(f"datasets: [digits]\nrecipe: {{weight_decay: {written}}}\nreserve_ratio: {written if value <= 1 else 0.1}\n"
-                    f"attacks: [{{name: blend, alpha: {written if value <= 1 else 0.2}}}]\ndefenses: [undefended]\n")
+    ratio = written if value <= 1 else 0.1
+    path.write_text(f"datasets: [digits]\nrecipe: {{weight_decay: {written}}}\nreserve_ratio: {ratio}\n"
+                    f"attacks: [{{name: blend, alpha: {ratio}}}]\ndefenses: [undefended]\n")
     cell = load_matrix(path).cells[0]
     assert cell.recipe.weight_decay == value and isinstance(cell.recipe.weight_decay, float)
     if value <= 1:
         assert cell.attack.alpha == value and cell.reserve_ratio == value
+    else:
+        assert cell.attack.alpha == 0.1
 
 
 def test_quoted_scientific_number_in_a_python_dict():

@@ -17,6 +17,7 @@ from bench.registry import ConfigError
 from conftest import matrix_dict
 
 OK = ("datasets: [digits]\nmodels: [tiny_cnn]\nrecipe: {epochs: 2}\n")
+END = "attacks: [badnet]\ndefenses: [undefended]\n"
 
 #: (id, YAML text); each must be refused before any work
 BAD = [
@@ -89,7 +90,7 @@ BAD = [
     ("seed-huge", OK + "seeds: [99999999999999999999]\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("seed-twice", OK + "seeds: [1, 1]\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("dataset-unknown", "datasets: [cifar1O]\nattacks: [badnet]\ndefenses: [undefended]\n"),
-    ("dataset-limit-negative", "datasets: [{name: digits, train_limit: -5}]\nattacks: [badnet]\ndefenses: [undefended]\n"),
+    ("dataset-limit-negative", "datasets: [{name: digits, train_limit: -5}]\n" + END),
     ("dataset-field-unknown", "datasets: [{name: digits, size: 8}]\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("dataset-recipe-bad", "datasets: [{name: digits, recipe: {lr: -1}}]\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("model-unknown", "models: [resnet-18]\nattacks: [badnet]\ndefenses: [undefended]\n"),
@@ -97,8 +98,8 @@ BAD = [
     ("output-number", OK + "output: 5\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("name-list", OK + "name: [a]\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("evaluate-unknown", OK + "attacks: [badnet]\ndefenses: [undefended]\nevaluate: [magic]\n"),
-    ("evaluate-twice", OK + "attacks: [badnet]\ndefenses: [undefended]\nevaluate: [natural_backdoor, natural_backdoor]\n"),
-    ("evaluate-budget", OK + "attacks: [badnet]\ndefenses: [undefended]\nevaluate: [{name: natural_backdoor, budgets: [0]}]\n"),
+    ("evaluate-twice", OK + END + "evaluate: [natural_backdoor, natural_backdoor]\n"),
+    ("evaluate-budget", OK + END + "evaluate: [{name: natural_backdoor, budgets: [0]}]\n"),
     ("date-value", OK + "attacks: [{name: badnet, poison_ratio: 2024-01-01}]\ndefenses: [undefended]\n"),
     ("binary-value", OK + "attacks: [{name: badnet, poison_ratio: !!binary aGVsbG8=}]\ndefenses: [undefended]\n"),
 ]
