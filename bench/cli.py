@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
         return _run_planned(args, matrix, runner, cells, p, slots)
     except Interrupted as e:
         finished = sum(runner.cached_result(c) is not None for c in p.todo)
-        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} were cached "
+        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} cached "
               f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
               f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)
         return 128 + e.signum
