@@ -182,14 +182,15 @@ def numerics_conflict(cells: list[Cell], runner) -> str | None:
         r = runner.cached_result(c)
         if r is None:
             continue
-        for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")):
-            if isinstance(n, dict):
-                tables[(c.dataset.label, c.model)][tuple(str(n.get(k)) for k in NUMERICS_FIELDS)] += 1
+        used = {tuple(str(n.get(k)) for k in NUMERICS_FIELDS)
+                for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")) if isinstance(n, dict)}
+        for kind in used:  # a cell whose backdoored model was computed differently counts on both sides
+            tables[(c.dataset.label, c.model)][kind] += 1
     for (dataset, model), kinds in tables.items():
         if len(kinds) < 2:
             continue
         differ = [i for i, k in enumerate(NUMERICS_FIELDS) if len({v[i] for v in kinds}) > 1]
-        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({n} result{'s' * (n > 1)})"
+        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({n} cell{'s' * (n > 1)})"
                  for v, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
         return (f"the {dataset}/{model} table would mix numerics: " + " vs ".join(parts) +
                 "; results agree only at equal device, dtype and thread count: recompute the odd ones "

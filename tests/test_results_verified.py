@@ -65,8 +65,8 @@ def test_report_refuses_to_mix_thread_counts(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", *common, "--threads", "2", "--only", "seed=1"]) == 2  # computed, but no mixed table
     err = capsys.readouterr().err
-    assert ("no report: the digits/tiny_cnn table would mix numerics: threads 1 (2 results) vs threads 2 "
-            "(2 results); results agree only at equal device, dtype and thread count") in err
+    assert ("no report: the digits/tiny_cnn table would mix numerics: threads 1 (1 cell) vs threads 2 "
+            "(1 cell); results agree only at equal device, dtype and thread count") in err
     assert main(["report", *common]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: report: the digits/tiny_cnn table would mix numerics: threads 1")
