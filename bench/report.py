@@ -292,7 +292,8 @@ def gallery_attacks(matrix: Matrix, dataset: str) -> list:
     return out
 
 
-def galleries(datasets: list[str], runner: Runner, out: Path, matrix: Matrix | None = None) -> list[tuple[str, Path]]:
+def galleries(datasets: list[str], runner: Runner, out: Path,
+              matrix: Matrix | None = None) -> list[tuple[str, Path]]:
     """The trigger gallery (clean vs triggered examples of every attack) for each dataset: the
     matrix's attacks with its parameters when ``matrix`` is given, else defaults."""
     from .gallery import render_gallery
@@ -303,7 +304,8 @@ def galleries(datasets: list[str], runner: Runner, out: Path, matrix: Matrix | N
         what = "the matrix's attack parameters" if attacks else "default parameters"
         try:
             figs.append((f"Trigger gallery, {name} ({what})",
-                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png", attacks=attacks or None)))
+                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png",
+                                        attacks=attacks or None)))
         except (FileNotFoundError, ValueError) as e:  # data not here: the tables still render
             log.warning("no trigger gallery for %s: %s", name, e)
     return figs
