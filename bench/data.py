@@ -306,11 +306,19 @@ def _image_folder(name: str, root: Path, size: int, train_dir: str, test_dir: st
             raise _missing(name, looked, how)
         from torchvision.datasets import ImageFolder
 
-        tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
-        if tr.classes != te.classes:
-            raise ValueError(f"{name}: train and test folders have different classes")
-        ds = Dataset(name, _images_to_tensor(tr.samples, size), _images_to_tensor(te.samples, size),
-                     len(tr.classes), list(tr.classes))
+        try:
+            tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
+            if tr.classes != te.classes:
+                raise DataError(f"dataset '{name}': '{base / train_dir}' and '{base / test_dir}' have different "
+                                f"classes. {how}")
+            ds = Dataset(name, _images_to_tensor(tr.samples, size), _images_to_tensor(te.samples, size),
+                         len(tr.classes), list(tr.classes))
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 (an unreadable image, an empty class folder, ...: one message)
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise DataError(f"dataset '{name}': the folder '{base}' cannot be converted ({reason}). Remove or "
+                            f"replace the file it names, then run again. {how}") from None
         _save_npz(npz, ds)  # converted once; later runs read the npz
         return ds
 

@@ -200,3 +200,25 @@ def test_output_under_a_file_is_reported_before_work(tmp_path, capsys):
     assert code == 2
     assert err.strip().splitlines() == [f"error: --output: cannot write to '{tmp_path / 'afile' / 'runs'}' "
                                         f"(Not a directory); choose a writable folder with --output"]
+
+
+def test_unreadable_image_in_a_folder_dataset_is_one_message(tmp_path, capsys):
+    import yaml
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / "imagenette" / split / c
+            d.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(d / "0.png")
+    bad = tmp_path / "data" / "imagenette" / "train" / "b" / "1.png"
+    bad.write_bytes(b"not a png at all")
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump(matrix_dict(datasets=["imagenette"])))
+    code, err = _cli(["run", m, "--data-root", tmp_path / "data", "--output", tmp_path / "runs", "--threads", 1,
+                      "--report-dir", tmp_path / "rep"], capsys)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: dataset 'imagenette': the folder '{tmp_path / 'data' / 'imagenette'}' cannot "
+                           f"be converted (UnidentifiedImageError") and str(bad) in line
+    assert not (tmp_path / "data" / "imagenette.npz").exists()
