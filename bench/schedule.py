@@ -227,11 +227,10 @@ class CostModel:
     over this run's most recent trainings (backdoored models and cells, overhead removed), else over
     earlier results in the store computed with the same device and thread count.
 
-    An estimate is a *guess* while some part of it is not measured: a defense whose ee is unknown
-    (taken as ``recipe.epochs`` for one that trains from scratch, a tenth of it for a repair; 0,
-    known, for one that does not train), a
-    speed taken from earlier runs only, or the per-cell overhead before any cell finished.  It is
-    *unknown* while no training of a dataset/model in the plan has a measured speed.
+    An estimate is a *guess* while the cost of some remaining defense is not measured (its ee is
+    then taken as ``recipe.epochs`` for one that trains from scratch and a tenth of it for a repair;
+    one that trains nothing costs 0 ee, known).  It is *unknown* while no training of a dataset and
+    model in the plan has a measured speed.
     """
 
     #: trainings the current speed is measured over (recent ones: the load of a shared machine changes)
@@ -313,13 +312,13 @@ class CostModel:
 
     def task_seconds(self, kind: str, c: Cell) -> tuple[float | None, bool]:
         """(seconds, is a guess) of one task; None when its speed is not known at all."""
-        spe, here = self.seconds_per_ee(c)
+        spe, _ = self.seconds_per_ee(c)
         if spe is None:
             return None, True
         if kind == "backdoor":
-            return c.recipe.epochs * spe, not here
+            return c.recipe.epochs * spe, False
         ee, measured = self.cell_cost_ee(c)
-        return self.overhead() + ee * spe, not (here and measured and (self.bare or self.residuals))
+        return self.overhead() + ee * spe, not measured
 
     def remaining(self, backdoors: list[Cell], cells: list[Cell], workers: int = 1) -> tuple[float | None, int]:
         """(wall seconds of the remaining work over ``workers``, number of tasks whose cost is a guess);
