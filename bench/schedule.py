@@ -30,7 +30,6 @@ import traceback
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from statistics import mean
 
 import torch
 
