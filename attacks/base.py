@@ -90,8 +90,30 @@ class Attack(Registered):
         if self.target < 0:
             raise ValueError(f"target: {self.target} must be a class index >= 0")
 
+    #: fields that hold a length in pixels (each must fit in the image)
+    pixel_fields: ClassVar[tuple[str, ...]] = ("patch_size",)
+
     def class_params(self) -> dict:
         return {f: getattr(self, f) for f in self.class_fields}
+
+    def check(self, image_size: int, num_classes: int) -> None:
+        """Raise ``ValueError("<field>: ...")`` when the parameters do not fit a dataset of this
+        geometry: class fields in range and distinct from each other, pixel lengths within the image.
+        Called before any work; subclasses with other geometric parameters extend it."""
+        seen: dict[int, str] = {}
+        for name, value in self.class_params().items():
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if not 0 <= v < num_classes:
+                    raise ValueError(f"{name}: class {v} is outside the dataset (allowed: 0..{num_classes - 1})")
+                if v in seen:
+                    twice = "is listed twice" if seen[v] == name else f"is also the {seen[v]}"
+                    raise ValueError(f"{name}: class {v} {twice}; {', '.join(self.class_fields)} must be distinct")
+                seen[v] = name
+        for name in self.pixel_fields:
+            v = getattr(self, name, None)
+            if v is not None and v > image_size:
+                raise ValueError(f"{name}: {v} px does not fit {image_size}x{image_size} images "
+                                 f"(allowed: 1..{image_size})")
 
     # --- what subclasses implement ------------------------------------------------------------
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:

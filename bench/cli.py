@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from .data import DataError
 from .registry import ConfigError, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,43 +42,90 @@ def _setup(args):
     return matrix, runner
 
 
+def _report_dir(args, matrix) -> Path:
+    return Path(args.report_dir or "reports") / matrix.name
+
+
 def cmd_run(args) -> int:
-    from .schedule import dry_run_text, execute, parse_devices, plan, select
+    from .schedule import Interrupted, dry_run_text, on_signals, parse_devices, plan, raise_interrupted, select
 
     matrix, runner = _setup(args)
     try:
         slots = parse_devices(args.devices or args.device, args.jobs_per_device)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if args.threads < 0:
+        raise ConfigError(f"--threads: {args.threads} is out of range; allowed: >= 1, or 0 for the CPU's cores "
+                          f"divided among workers")
     if args.threads:
         slots = [type(s)(s.device, args.threads) for s in slots]
     runner.device = slots[0].device
     if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
         torch.set_num_threads(slots[0].threads)
     cells = select(matrix.cells, args.only or [])
+    if not cells:
+        raise ConfigError(f"--only: no cell of matrix '{matrix.name}' matches {' '.join(args.only)}")
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
         print(dry_run_text(p, runner))
         return 0
+    restore = on_signals(raise_interrupted)  # from here on, SIGINT/SIGTERM end with one line
+    try:
+        return _run_planned(args, matrix, runner, cells, p, slots)
+    except Interrupted as e:
+        finished = sum(runner.cached_result(c) is not None for c in p.todo)
+        print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} cached "
+              f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
+              f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        restore()
+
+
+def _run_planned(args, matrix, runner, cells, p, slots) -> int:
+    from .report import write_report
+    from .schedule import check_writable, earlier_failure, execute, numerics_conflict, preflight
+
+    # everything that can fail before training fails here, with one line
+    check_writable(runner.store.root, "--output")
+    check_writable(_report_dir(args, matrix), "--report-dir")
+    preflight(p.todo, runner)
+    retried = sum(1 for c in p.todo if (earlier_failure(runner, c) or {}).get("cause") == "environment")
+    if retried:
+        print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
+              f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
     outcomes = execute(p, runner, slots, executor=args.executor)
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
-    from .report import write_report
-
-    md, _ = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    conflict = numerics_conflict(matrix.cells, runner)
+    if conflict and not args.allow_mixed_numerics:
+        print(f"{done} computed, {cached} cached, {len(failed)} failed; no report: {conflict}", file=sys.stderr)
+        return 2
+    if conflict:
+        print(f"warning: {conflict}", file=sys.stderr)
+    md, _ = write_report(matrix, runner, _report_dir(args, matrix))
     print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
     for o in failed:
-        print(f"FAILED {o.cell.label}: {o.error}", file=sys.stderr)
+        cause = getattr(o.error, "cause", None)
+        hint = {"environment": " [environment: the next run retries it]",
+                "cell": " [cell: --retry-failed reruns it]"}.get(cause, "")
+        print(f"FAILED {o.cell.label}: {o.error}{hint}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def cmd_report(args) -> int:
     from .report import write_report
+    from .schedule import numerics_conflict
 
     matrix, runner = _setup(args)
-    md, missing = write_report(matrix, runner, Path(args.report_dir or "reports") / matrix.name)
+    conflict = numerics_conflict(matrix.cells, runner)
+    if conflict and not args.allow_mixed_numerics:
+        raise ConfigError(f"report: {conflict}")
+    if conflict:
+        print(f"warning: {conflict}", file=sys.stderr)
+    md, missing = write_report(matrix, runner, _report_dir(args, matrix))
     print(md.read_text())
     print(f"written: {md.parent}/tables.md, tables.csv, results.csv", file=sys.stderr)
     return 0
@@ -120,6 +169,10 @@ def main(argv=None) -> int:
         sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
         sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+        sp.add_argument("--allow-mixed-numerics", action="store_true",
+                        help="render a table whose results were computed with different device, dtype, thread "
+                             "count or torch version (refused by default: such numbers are not comparable bit "
+                             "for bit)")
 
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)
@@ -147,6 +200,7 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
 
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
     try:
@@ -154,6 +208,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DataError) as e:  # DataNotFoundError is a FileNotFoundError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside ``run``'s own handling (list, report, gallery): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130

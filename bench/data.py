@@ -41,6 +41,10 @@ class DataNotFoundError(FileNotFoundError):
     """Raised with one message that says where data was looked for and how to get it."""
 
 
+class DataError(ValueError):
+    """A data file that exists but cannot be used: one message naming it and how to rebuild it."""
+
+
 @dataclass
 class ImageSet:
     """Images as uint8 ``N x C x H x W`` and int64 labels."""
@@ -164,7 +168,24 @@ def _to_nchw(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _from_npz(path: Path, name: str, classes=None) -> Dataset:
+def _from_npz(path: Path, name: str, classes=None, rebuild: str = "") -> Dataset:
+    """Read ``path``; anything wrong with the file is one :class:`DataError` naming it."""
+    try:
+        ds = _read_npz(path, name, classes)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a truncated zip, a bad array, an unreadable file: all one message)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataError(f"dataset '{name}': '{path}' is unreadable ({reason}). {rebuild}".rstrip()) from None
+    info = DATASET_INFO.get(name)
+    bad = [int(t.y.min()) for t in (ds.train, ds.test) if len(t) and int(t.y.min()) < 0]
+    if bad or (info is not None and ds.num_classes > info.num_classes):
+        raise DataError(f"dataset '{name}': '{path}' has labels outside 0..{info.num_classes - 1 if info else 'N'} "
+                        f"(found {min(bad) if bad else ds.num_classes - 1}). {rebuild}".rstrip())
+    return ds
+
+
+def _read_npz(path: Path, name: str, classes=None) -> Dataset:
     with np.load(path, allow_pickle=False) as z:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
         if missing:
@@ -192,11 +213,16 @@ def _missing(name: str, looked: list[Path], how: str) -> DataNotFoundError:
         f"Set the data root with --data-root, the matrix field 'data_root', or ${DATA_ROOT_ENV}.")
 
 
-def _npz_or(name: str, root: Path, fallback) -> Dataset:
+def _npz_or(name: str, root: Path, fallback, rebuild: str = "") -> Dataset:
     npz = root / f"{name}.npz"
     if npz.exists():
-        return _from_npz(npz, name)
+        return _from_npz(npz, name, rebuild=rebuild or _NPZ_REBUILD.format(npz=npz))
     return fallback(npz)
+
+
+#: how to rebuild an ``.npz`` that cannot be read (datasets converted from folders say so themselves)
+_NPZ_REBUILD = ("Rebuild it: write it again with numpy.savez('{npz}', x_train=..., y_train=..., x_test=..., "
+                "y_test=...) (uint8 images), or delete it to read the dataset's folder layout instead.")
 
 
 @dataset("digits", "scikit-learn's bundled 8x8 handwritten digits, upscaled to 16x16, 1 channel, 10 classes (offline)",
@@ -231,7 +257,8 @@ def _torchvision_arrays(name: str, root: Path, cls, **kw) -> Dataset:
                        ImageSet(_to_nchw(data(te)), torch.from_numpy(targets(te))), len(tr.classes),
                        [str(c) for c in tr.classes])
 
-    return _npz_or(name, root, fallback)
+    return _npz_or(name, root, fallback, _NPZ_REBUILD.format(npz=root / f"{name}.npz") +
+                   f" Torchvision's folder: {cls.__name__}(root='{root / name}', download=True).")
 
 
 @dataset("cifar10", "CIFAR-10, 32x32 RGB, 10 classes (torchvision layout or cifar10.npz)", 10, 3, 32)
@@ -279,15 +306,24 @@ def _image_folder(name: str, root: Path, size: int, train_dir: str, test_dir: st
             raise _missing(name, looked, how)
         from torchvision.datasets import ImageFolder
 
-        tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
-        if tr.classes != te.classes:
-            raise ValueError(f"{name}: train and test folders have different classes")
-        ds = Dataset(name, _images_to_tensor(tr.samples, size), _images_to_tensor(te.samples, size),
-                     len(tr.classes), list(tr.classes))
+        try:
+            tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
+            if tr.classes != te.classes:
+                raise DataError(f"dataset '{name}': '{base / train_dir}' and '{base / test_dir}' have different "
+                                f"classes. {how}")
+            ds = Dataset(name, _images_to_tensor(tr.samples, size), _images_to_tensor(te.samples, size),
+                         len(tr.classes), list(tr.classes))
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 (an unreadable image, an empty class folder, ...: one message)
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise DataError(f"dataset '{name}': the folder '{base}' cannot be converted ({reason}). Remove or "
+                            f"replace the file it names, then run again. {how}") from None
         _save_npz(npz, ds)  # converted once; later runs read the npz
         return ds
 
-    return _npz_or(name, root, fallback)
+    return _npz_or(name, root, fallback, f"Rebuild it: delete it and the next run converts "
+                                         f"{root / name}/{{{train_dir},{test_dir}}} again. {how}")
 
 
 @dataset("gtsrb", "GTSRB traffic signs, resized to 32x32 RGB, 43 classes (ImageFolder train/ test/ or gtsrb.npz)",

@@ -1,5 +1,6 @@
 """Trigger gallery: clean vs triggered examples, the trigger itself, and training-time samples,
-one row per registered attack (default parameters), as one PNG.
+one row per attack, as one PNG: a matrix's attacks with its parameters (the report), or every
+registered attack with default parameters (``python -m bench gallery``).
 
 Columns: the trigger on a mid-grey canvas (WaNet: its displacement field, 0.5 + 2 * dx/dy pixels
 in red/green), ``examples`` clean/triggered test pairs, the amplified difference of the first
@@ -17,6 +18,7 @@ from attacks import ATTACKS, Attack
 from attacks.base import to_float, to_uint8
 
 from .data import load_dataset
+from .registry import label
 
 #: gain of the difference column
 DIFF_GAIN = 4.0
@@ -69,14 +71,17 @@ def _pick(attack: Attack, y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def render_gallery(dataset: str = "digits", data_root: str | None = None, out: str | Path = "gallery.png",
-                   examples: int = 3, seed: int = 0) -> Path:
+                   examples: int = 3, seed: int = 0, attacks: list[Attack] | None = None) -> Path:
+    """One row per attack: ``attacks`` as configured (a matrix's), else every registered attack with its
+    default parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ds = load_dataset(dataset, data_root, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT)
-    attacks = [cls() for _, cls in ATTACKS.items()]
+    configured = attacks is not None
+    attacks = list(attacks) if configured else [cls() for _, cls in ATTACKS.items()]
     c, size = ds.channels, ds.size
     cols = ["trigger"] + [t for i in range(examples) for t in (f"clean {i + 1}", f"triggered {i + 1}")] + \
         [f"|diff| x{DIFF_GAIN:g}", "train poison", "train cover"]
@@ -109,8 +114,9 @@ def render_gallery(dataset: str = "digits", data_root: str | None = None, out: s
                           interpolation="nearest")
             if r == 0:
                 ax.set_title(cols[k], fontsize=7)
-        axes[r][0].set_ylabel(attack.display_name or attack.key, fontsize=8)
-    fig.suptitle(f"{dataset} ({size}x{size}, {c} channel{'s' if c > 1 else ''}): default parameters", fontsize=9)
+        axes[r][0].set_ylabel(label(attack) if configured else (attack.display_name or attack.key), fontsize=8)
+    fig.suptitle(f"{dataset} ({size}x{size}, {c} channel{'s' if c > 1 else ''}): "
+                 f"{'the parameters of the matrix' if configured else 'default parameters'}", fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

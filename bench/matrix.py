@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ from defenses import DEFENSES, Defense
 from .data import DATASET_INFO
 from .models import MODELS
 from .natural import EVALUATIONS
-from .registry import ConfigError, build, closest, label, params_of
+from .registry import ConfigError, as_number, build, closest, label, params_of
 from .trainer import Recipe
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
+#: largest seed accepted (seeds are offset by small constants and fed to torch generators)
+MAX_SEED = 2**31 - 1
 
 TOP_LEVEL = {"name", "description", "data_root", "output", "seeds", "datasets", "models", "recipe",
              "reserve_ratio", "attacks", "defenses", "evaluate"}
@@ -184,9 +187,10 @@ def _recipe(base: Recipe, overrides, where: str) -> Recipe:
 
 
 def _check_ratio(value, where):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+    number = as_number(value)
+    if number is None or not 0 <= number <= 1:
         raise ConfigError(f"{where}: {value!r} must be a number in [0, 1]")
-    return float(value)
+    return float(number)
 
 
 def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
@@ -203,6 +207,10 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     for i, s in enumerate(seeds):
         if not isinstance(s, int) or isinstance(s, bool):
             raise ConfigError(f"seeds[{i}]: expected an integer, got {s!r}")
+        if not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"seeds[{i}]: {s} is out of range; allowed: 0..{MAX_SEED}")
+        if s in seeds[:i]:
+            raise ConfigError(f"seeds[{i}]: seed {s} is listed twice")
     reserve = _check_ratio(raw.get("reserve_ratio", 0.05), "reserve_ratio")
     base_recipe = _recipe(Recipe(), raw.get("recipe"), "recipe")
     for k in ("data_root", "output", "name", "description"):
@@ -229,6 +237,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
 
     models = _as_list(raw.get("models", ["small_cnn"]), "models")
     for i, m in enumerate(models):
+        if not isinstance(m, str):
+            raise ConfigError(f"models[{i}]: expected a model name, got {type(m).__name__} {m!r}; "
+                              f"allowed: {', '.join(MODELS)}")
         if m not in MODELS:
             raise ConfigError(f"models[{i}]: unknown model '{m}'{closest(m, MODELS)}; allowed: {', '.join(MODELS)}")
 
@@ -239,7 +250,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         cls = ATTACKS.get(key, where)
         tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            attacks.append((_labelled(build(cls, p, where), tag, p, params), where))
+            attack = _labelled(build(cls, p, where), tag, p, params)
+            attack.matrix_field = where  # names the entry in messages about data it does not fit
+            attacks.append((attack, where))
 
     defenses = []
     for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
@@ -262,16 +275,21 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         seen.add(key)
         evaluations.append(build(EVALUATIONS[key], params, where))
 
-    # class-index parameters must exist in every dataset they meet
+    # class fields and pixel sizes must fit every dataset they meet (Attack.check)
     for spec, _ in datasets:
-        k = DATASET_INFO[spec.name].num_classes
+        info = DATASET_INFO[spec.name]
         for attack, where in attacks:
-            for fname, value in attack.class_params().items():
-                for v in (value if isinstance(value, (list, tuple)) else [value]):
-                    if not 0 <= v < k:
-                        raise ConfigError(f"{where}.{fname}: class {v} is outside dataset '{spec.name}' "
-                                          f"(allowed: 0..{k - 1})")
+            try:
+                attack.check(info.size, info.num_classes)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e} [dataset '{spec.name}': {info.num_classes} classes, "
+                                  f"{info.size}x{info.size} px]") from None
 
+    for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),
+                       ("seeds", seeds)):
+        if not items:
+            raise ConfigError(f"{key}: empty list; a matrix needs at least one entry in each of datasets, "
+                              f"models, attacks, defenses and seeds")
     cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations))
              for (spec, recipe), model, (attack, _), defense, seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]
@@ -279,12 +297,59 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                   raw.get("description", ""), raw)
 
 
+class MatrixLoader(yaml.SafeLoader):
+    """YAML as people write matrices: safe (no tag builds a Python object), ``1e-4`` is a number
+    (YAML 1.1 would leave it a string), and a key given twice is an error instead of a silent
+    overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+MatrixLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_error(path, e: yaml.YAMLError) -> ConfigError:
+    """One line: where in the file and what is wrong (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    return ConfigError(f"matrix: '{path}' is not valid YAML{where}: {problem}")
+
+
+def parse_yaml(text: str, path="matrix"):
+    try:
+        return yaml.load(text, Loader=MatrixLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, e) from None
+    except RecursionError:
+        raise ConfigError(f"matrix: '{path}' is nested too deeply") from None
+
+
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"matrix: file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"matrix: '{path}' is not valid YAML: {e}") from e
-    return parse_matrix(raw, path.stem)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"matrix: '{path}' is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"matrix: cannot read '{path}' ({e.strerror or e})") from None
+    return parse_matrix(parse_yaml(text, path), path.stem)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import importlib
+import math
 import pkgutil
+import re
 import types
 import typing
 from importlib import metadata
@@ -22,6 +25,22 @@ from importlib import metadata
 
 class ConfigError(ValueError):
     """A bad matrix/config value.  The message names the field and what is allowed."""
+
+
+#: a number as people write it, including the forms YAML 1.1 leaves as strings (``1e-4``, ``5E3``)
+NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def as_number(value):
+    """``value`` as an int or float when it is one or is written as one (``"1e-4"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    return None
 
 
 def closest(name: str, allowed) -> str:
@@ -97,8 +116,9 @@ class Registry:
             mod, _, attr = name.partition(":")
             try:
                 cls = getattr(importlib.import_module(mod), attr)
-            except (ImportError, AttributeError) as e:
-                raise ConfigError(f"{field}: cannot import '{name}' ({e})") from e
+            except Exception as e:  # noqa: BLE001 (a user's module may fail in any way on import)
+                raise ConfigError(f"{field}: cannot import '{name}' ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())})") from None
             base = importlib.import_module(self.package).BASE
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise ConfigError(f"{field}: '{name}' is not a subclass of {base.__name__}")
@@ -107,6 +127,83 @@ class Registry:
             return cls
         raise ConfigError(f"{field}: unknown {self.kind} '{name}'{closest(name, self._classes)}; "
                           f"allowed: {', '.join(self.names())} or 'module:Class'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The interval a numeric parameter must lie in (``None`` = unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return not (self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def text(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+
+
+#: Allowed ranges of numeric parameters, by field name (``fnmatch`` patterns, first match wins),
+#: shared by the recipe, every attack, defense and evaluation.  A field can state its own range with
+#: ``field(metadata={"range": Range(...)})``, which wins over this table.  Each line is the meaning
+#: of the name, not a tuning choice: an lr of 0 trains nothing, a ratio is a share of a set, etc.
+RANGES: tuple[tuple[tuple[str, ...], Range], ...] = (
+    # at least one pass over the data; a defense's phase lengths may be 0 (the phase is skipped)
+    (("epochs",), Range(1)),
+    (("*_epochs",), Range(0)),
+    # counts of things
+    (("batch_size", "*_batch_size", "eval_batch", "eval_size", "per_class", "steps", "restarts", "pgd_steps",
+      "rounds", "em_iters", "fct_draws", "prune_step", "calibrate_probe", "pieces", "k", "score_limit", "radius",
+      "patch_size"), Range(1)),
+    # step sizes and scales that must be positive
+    (("lr", "*_lr", "gamma", "eps", "pgd_step_size", "bn_eps", "tol", "outlier_std", "init_std", "ascent_cap",
+      "u", "s", "grid_rescale", "frequency", "beta", "scale_min", "scale_max"), Range(0, low_open=True)),
+    # shares of a set or of the image, probabilities, opacities, fractions of a schedule
+    (("partition_rate", "budgets", "calibrate_candidates"), Range(0, 1, low_open=True)),
+    (("betas",), Range(0, 1, high_open=True)),
+    (("*ratio", "*_rate", "*fraction", "*_share", "alpha", "alpha_*", "*_alpha", "*_alphas", "p", "*_p",
+      "momentum", "*_momentum", "warmup", "milestones", "success", "acc_drop", "identify_min_confidence",
+      "translate", "logo_*", "*_range", "delta", "flag_ratio_*"), Range(0, 1)),
+    # non-negative amounts, class indices and seeds
+    (("weight_decay", "crop_padding", "trigger_seed", "*_seed", "target", "source", "cover_classes",
+      "trigger_chunk", "threshold", "*_threshold", "degrees", "*_degrees", "brightness", "contrast", "lam",
+      "lambda_*", "penalty", "mad_floor", "ridge", "stop_*", "monitor_from_stage"), Range(0)),
+)
+
+
+def range_of(f: dataclasses.Field) -> Range | None:
+    if "range" in f.metadata:
+        return f.metadata["range"]
+    for patterns, r in RANGES:
+        if any(fnmatch.fnmatchcase(f.name, p) for p in patterns):
+            return r
+    return None
+
+
+def _check_range(value, r: Range | None, where: str):
+    """Every number in ``value`` (a number or a list of them) is finite and in ``r``."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_range(v, r, f"{where}[{i}]")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {_show(value)} is not a finite number" + (f"; allowed: {r.text()}" if r else ""))
+    if r is not None and value not in r:
+        raise ConfigError(f"{where}: {_show(value)} is out of range; allowed: {r.text()}")
+
+
+def _show(value, limit: int = 60) -> str:
+    """``repr`` of a user's value, cut short so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "..." + text[-2:]
 
 
 def _check_type(value, hint, where: str):
@@ -123,12 +220,17 @@ def _check_type(value, hint, where: str):
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
+        raise ConfigError(f"{where}: expected null, got {_show(value)}")
     if hint is typing.Any:
         return value
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        raise ConfigError(f"{where}: {_show(value)} is not one of {', '.join(repr(a) for a in allowed)}")
     if origin in (tuple, list) or hint in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_show(value)}")
         args = typing.get_args(hint)
         if args and args[-1] is not Ellipsis and origin is tuple and len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -138,19 +240,20 @@ def _check_type(value, hint, where: str):
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {_show(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        number = as_number(value)
+        if number is not None:
+            return float(number)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {_show(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {_show(value)}")
     if origin is dict or hint is dict:
         if isinstance(value, dict):
             return value
@@ -168,12 +271,14 @@ def build(cls: type, params: dict, where: str):
             raise ConfigError(f"{where}.{name}: unknown parameter of {cls.__name__}{closest(name, fields)}; "
                               f"allowed: {', '.join(fields) or '(none)'}")
         clean[name] = _check_type(value, hints.get(name, typing.Any), f"{where}.{name}")
+        _check_range(clean[name], range_of(fields[name]), f"{where}.{name}")
     try:
         return cls(**clean)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        # a component's own check names its field ("style: 'x' is not one of ..."); one line
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 def params_of(obj) -> dict:

@@ -305,15 +305,33 @@ def flat_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def galleries(datasets: list[str], runner: Runner, out: Path) -> list[tuple[str, Path]]:
-    """The trigger gallery (clean vs triggered examples of every attack) for each dataset."""
+def gallery_attacks(matrix: Matrix, dataset: str) -> list:
+    """The matrix's attacks on ``dataset``, each parameter setting once, in matrix order."""
+    from .registry import params_of
+
+    seen, out = set(), []
+    for c in matrix.cells:
+        ident = (c.attack.key, repr(params_of(c.attack)))
+        if c.dataset.name == dataset and ident not in seen:
+            seen.add(ident)
+            out.append(c.attack)
+    return out
+
+
+def galleries(datasets: list[str], runner: Runner, out: Path,
+              matrix: Matrix | None = None) -> list[tuple[str, Path]]:
+    """The trigger gallery (clean vs triggered examples of every attack) for each dataset: the
+    matrix's attacks with its parameters when ``matrix`` is given, else defaults."""
     from .gallery import render_gallery
 
     figs = []
     for name in datasets:
+        attacks = gallery_attacks(matrix, name) if matrix is not None else None
+        what = "the matrix's attack parameters" if attacks else "default parameters"
         try:
-            figs.append((f"Trigger gallery, {name} (default parameters)",
-                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png")))
+            figs.append((f"Trigger gallery, {name} ({what})",
+                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png",
+                                        attacks=attacks or None)))
         except (FileNotFoundError, ValueError) as e:  # data not here: the tables still render
             log.warning("no trigger gallery for %s: %s", name, e)
     return figs
@@ -357,6 +375,6 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
         from .plots import make_figures
 
         figs = make_figures(rows, out_dir / "figures")
-        figs += galleries(sorted({r["dataset"] for r in rows}), runner, out_dir / "figures")
+        figs += galleries(sorted({r["dataset"] for r in rows}), runner, out_dir / "figures", matrix)
     (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", INTRO + tail, sections, figs))
     return out_dir / "tables.md", missing

@@ -71,6 +71,17 @@ def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest, num_c
             "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
 
 
+def numerics(device, bf16: bool) -> dict:
+    """How this process computes: results agree bit for bit only at equal values of all four (CPU
+    kernels reduce in a different order with another thread count; GPUs and bf16 differ again)."""
+    dev = torch.device(device)
+    name = dev.type
+    if dev.type == "cuda" and torch.cuda.is_available():
+        name = f"cuda ({torch.cuda.get_device_name(dev)})"
+    return {"device": name, "dtype": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
 @dataclass
 class CellOutcome:
     cell: Cell
@@ -136,6 +147,7 @@ class Runner:
             ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
             self.store.save_model("backdoor", key, model, {
                 **cell.backdoor_ident(), **ev, "wall_time_s": time.time() - t0,
+                "numerics": numerics(self.device, trainer.bf16),
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
         return self.load_backdoored(cell)
 
@@ -151,7 +163,12 @@ class Runner:
         return self.store.root / "results" / f"{digest(cell.result_ident())}.json"
 
     def cached_result(self, cell: Cell) -> dict | None:
-        return self.store.load_json(self.result_path(cell))
+        """The cell's verified result; a corrupt, edited or malformed file is named once and ignored."""
+        path = self.result_path(cell)
+        row, problem = self.store.load_result(path, digest(cell.result_ident()))
+        if problem:
+            self.store.report_bad(path, problem)
+        return row
 
     def run_cell(self, cell: Cell) -> dict:
         cached = self.cached_result(cell)
@@ -204,13 +221,13 @@ class Runner:
         wall = time.time() - t0
         n = len(poisoned.train)
         row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig, ds.num_classes),
-               "wall_time_s": wall,
+               "wall_time_s": wall, "numerics": numerics(self.device, trainer.bf16),
                "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
                "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
                "info": out.info, "observations": observations, "key": digest(cell.result_ident())}
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
-                                                                 "wall_time_s", "epoch_equivalents")}
+                                                                 "wall_time_s", "epoch_equivalents", "numerics")}
         if out.flagged is not None:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
@@ -218,8 +235,7 @@ class Runner:
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
             log.info("%s: %s", ev.name, cell.label)
             row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()
-        atomic_write_json(self.result_path(cell), row)
-        return row
+        return self.store.save_result(self.result_path(cell), row)
 
     # --- a whole matrix ---------------------------------------------------------------------------
     def run(self, matrix: Matrix, progress=sys.stderr, retry_failed: bool = True) -> list[CellOutcome]:
@@ -232,7 +248,9 @@ class Runner:
         return self.store.root / "failures" / f"{digest(cell.result_ident())}.json"
 
     def record_failure(self, cell: Cell, error: str, tb: str) -> None:
-        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": error, "traceback": tb})
+        """``error.cause`` (see :class:`~bench.schedule.Failure`) decides whether the next run retries it."""
+        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": str(error), "traceback": tb,
+                                                    "cause": getattr(error, "cause", "cell")})
 
     def cell_log(self, cell: Cell) -> logging.Handler:
         """Attach a log file for this cell to the root logger (the caller removes it)."""

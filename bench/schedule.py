@@ -18,16 +18,18 @@ recorded from an earlier run are skipped unless ``retry_failed``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from statistics import mean
 
 import torch
 
@@ -97,57 +99,374 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     return cells
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop, keep what is finished, write nothing half-done (a BaseException, so
+    that no ``except Exception`` of a task records it as the cell's failure)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --- failures and their causes -----------------------------------------------------------------
+
+#: exceptions that say the machine or its files failed, not the cell's code: retried on the next run
+ENVIRONMENT_ERRORS = ("DataNotFoundError", "DataError", "BadZipFile", "OSError", "IOError", "PermissionError",
+                      "FileNotFoundError", "MemoryError", "OutOfMemoryError", "Interrupted", "KeyboardInterrupt",
+                      "worker died", "ray task died", "No space left", "Read-only file system")
+
+
+class Failure(str):
+    """An error message that carries its cause across processes: ``environment`` (data, disk,
+    memory, an interruption, a dead worker; retried by the next run) or ``cell`` (the cell's own code
+    or parameters; rerun only with ``--retry-failed``)."""
+
+    def __new__(cls, text: str, cause: str | None = None):
+        obj = super().__new__(cls, text)
+        obj.cause = cause or failure_cause(text)
+        return obj
+
+    def __reduce__(self):
+        return Failure, (str(self), self.cause)
+
+
+def failure_cause(error, exc: BaseException | None = None) -> str:
+    if exc is not None:
+        import zipfile
+
+        from .data import DataError
+
+        env = (OSError, MemoryError, DataError, zipfile.BadZipFile, KeyboardInterrupt, Interrupted)
+        oom = getattr(torch.cuda, "OutOfMemoryError", None)
+        if isinstance(exc, env) or (oom is not None and isinstance(exc, oom)):
+            return "environment"
+    return "environment" if any(m in str(error) for m in ENVIRONMENT_ERRORS) else "cell"
+
+
+def earlier_failure(runner, cell: Cell) -> dict | None:
+    """The failure record of an earlier run, with its cause (records older than causes: from the text)."""
+    rec = runner.store.load_json(runner.failure_path(cell))
+    if not isinstance(rec, dict):
+        return None
+    rec.setdefault("cause", failure_cause(rec.get("error", "")))
+    return rec
+
+
 def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
     p = Plan(list(cells))
     for c in cells:
         if runner.cached_result(c) is not None:
             p.cached.append(c)
-        elif not retry_failed and runner.failure_path(c).exists():
+            continue
+        rec = None if retry_failed else earlier_failure(runner, c)
+        if rec is not None and rec["cause"] == "cell":
             p.failed_before.append(c)
         else:
             p.todo.append(c)
             if c.defense.needs_backdoored_model:
                 key = digest(c.backdoor_ident())
-                if key not in p.backdoors and not runner.store.load_json(
-                        runner.store.dir("backdoor", key) / "meta.json"):
+                meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
+                if key not in p.backdoors and not (isinstance(meta, dict) and "sha256" in meta):
                     p.backdoors[key] = c
     return p
 
 
-def estimate_seconds(p: Plan, runner) -> float | None:
-    """Estimated serial compute time from finished work of the same kind in the store."""
-    seen: dict[tuple, list[float]] = defaultdict(list)
-    for path in (runner.store.root / "results").glob("*.json"):
-        r = runner.store.load_json(path) or {}
-        seen[("cell", r.get("dataset"), r.get("model"), r.get("defense"))].append(r.get("wall_time_s", 0))
-        if r.get("backdoor"):
-            seen[("backdoor", r.get("dataset"), r.get("model"))].append(r["backdoor"].get("wall_time_s") or 0)
-    total, known = 0.0, True
-    for c in p.backdoors.values():
-        t = seen.get(("backdoor", c.dataset.name, c.model))
-        total, known = (total + mean(t), known) if t else (total, False)
-    for c in p.todo:
-        t = seen.get(("cell", c.dataset.name, c.model, c.defense.key))
-        total, known = (total + mean(t), known) if t else (total, False)
-    return total if known else None
+NUMERICS_FIELDS = ("device", "dtype", "threads", "torch")
+
+
+def numerics_conflict(cells: list[Cell], runner) -> str | None:
+    """One line naming how the finished results of one table (a dataset and model) differ in numerics
+    (device, dtype, threads, torch version; the backdoored model's count too), else None.  Results
+    written before numerics were recorded cannot be compared and are left out."""
+    tables: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+    for c in cells:
+        r = runner.cached_result(c)
+        if r is None:
+            continue
+        used = {tuple(str(n.get(k)) for k in NUMERICS_FIELDS)
+                for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")) if isinstance(n, dict)}
+        for kind in used:  # a cell whose backdoored model was computed differently counts on both sides
+            tables[(c.dataset.label, c.model)][kind] += 1
+    for (dataset, model), kinds in tables.items():
+        if len(kinds) < 2:
+            continue
+        differ = [i for i, k in enumerate(NUMERICS_FIELDS) if len({v[i] for v in kinds}) > 1]
+        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({n} cell{'s' * (n > 1)})"
+                 for v, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        return (f"the {dataset}/{model} table would mix numerics: " + " vs ".join(parts) +
+                "; results agree only at equal device, dtype and thread count: recompute the odd ones "
+                "(delete them, or use another --output) or pass --allow-mixed-numerics")
+    return None
+
+
+# --- cost model and ETA ------------------------------------------------------------------------
+
+def _speed_key(dataset: str, train_limit, model: str) -> tuple:
+    return (dataset, train_limit, model)
+
+
+def _defense_key(dataset: str, train_limit, model: str, defense: str, params: dict, recipe: dict) -> str:
+    return digest({"dataset": dataset, "train_limit": train_limit, "model": model, "defense": defense,
+                   "params": params, "recipe": recipe})
+
+
+def _cell_defense_key(c: Cell) -> str:
+    from .registry import params_of
+
+    return _defense_key(c.dataset.name, c.dataset.train_limit, c.model, c.defense.key, params_of(c.defense),
+                        c.recipe.as_dict())
+
+
+class CostModel:
+    """Remaining time from the planned work and its measured cost.
+
+    Work is counted in epoch-equivalents (ee: samples through a training step, plus a third of the
+    forward-only samples, over the training-set size).  A backdoored model costs ``recipe.epochs`` ee;
+    a cell costs what the same defense (same parameters, recipe, dataset and model) cost before, in
+    this run or in the store, plus a fixed overhead per cell (loading, poisoning, evaluation: the
+    time of cells that train nothing).  The speed, seconds per ee, is measured per dataset and model
+    over this run's most recent trainings (backdoored models and cells, overhead removed), else over
+    earlier results in the store computed with the same device and thread count.
+
+    An estimate is a *guess* while the cost of some remaining defense is not measured (its ee is
+    then taken as ``recipe.epochs`` for one that trains from scratch and a tenth of it for a repair;
+    one that trains nothing costs 0 ee, known).  It is *unknown* while no training of a dataset and
+    model in the plan has a measured speed.
+    """
+
+    #: trainings the current speed is measured over (recent ones: the load of a shared machine changes)
+    WINDOW = 5
+    #: epoch-equivalents below which a cell counts as training nothing (its time is overhead)
+    MIN_EE = 0.05
+
+    def __init__(self, numerics: dict | None = None):
+        self.numerics = numerics or {}
+        # this run: recent (seconds, ee) samples of training, per dataset and model; the speed follows
+        # the machine's current load (a shared machine's speed changes during a run)
+        self.speed: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        self.speed_before: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # earlier runs: sums
+        self.cell_ee: dict[str, float] = {}  # defense key -> ee (this run wins over earlier runs)
+        self.bare: list[float] = []  # this run: seconds of cells that train nothing (pure overhead)
+        self.residuals: list[float] = []  # this run: seconds of a training cell beyond its ee x speed
+
+    def _sample(self, c: Cell, seconds: float, ee: float) -> None:
+        samples = self.speed[_speed_key(c.dataset.name, c.dataset.train_limit, c.model)]
+        samples.append((seconds, ee))
+        del samples[:-self.WINDOW]
+
+    def observe_backdoor(self, c: Cell, seconds: float, ee: float | None = None) -> None:
+        ee = float(c.recipe.epochs) if ee is None else ee
+        if ee > 0 and seconds > 0:
+            self._sample(c, seconds, ee)
+
+    def observe_cell(self, c: Cell, seconds: float, ee: float) -> None:
+        self.cell_ee[_cell_defense_key(c)] = ee
+        if ee < self.MIN_EE:  # a cell that trains (almost) nothing: its time is the per-cell overhead
+            self.bare.append(seconds)
+            return
+        spe, here = self.seconds_per_ee(c)
+        if spe is not None and here:
+            self.residuals.append(max(0.0, seconds - ee * spe))
+        self._sample(c, max(seconds - self.overhead(), 0.5 * seconds), ee)
+
+    def overhead(self) -> float:
+        """Seconds per cell beyond its training: the median of cells that train nothing, else of the
+        residuals of training cells, else 0."""
+        values = sorted(self.bare or self.residuals)
+        return values[len(values) // 2] if values else 0.0
+
+    def load_history(self, store) -> None:
+        """Earlier results in the store with the same device and thread count (where recorded)."""
+        same = {k: self.numerics.get(k) for k in ("device", "threads") if self.numerics.get(k) is not None}
+        for path in (store.root / "results").glob("*.json"):
+            r, _ = store.load_result(path)
+            if r is None or any((r.get("numerics") or {}).get(k, v) != v for k, v in same.items()):
+                continue
+            key = _defense_key(r.get("dataset"), r.get("train_limit"), r.get("model"), r.get("defense"),
+                               r.get("defense_params"), r.get("recipe"))
+            self.cell_ee.setdefault(key, r["epoch_equivalents"])
+            b = r.get("backdoor") or {}
+            if b.get("wall_time_s") and b.get("epoch_equivalents"):
+                acc = self.speed_before[_speed_key(r.get("dataset"), r.get("train_limit"), r.get("model"))]
+                acc[0] += b["wall_time_s"]
+                acc[1] += b["epoch_equivalents"]
+
+    # --- estimates ---------------------------------------------------------------------------
+    def seconds_per_ee(self, c: Cell) -> tuple[float | None, bool]:
+        """(seconds per epoch-equivalent, measured in this run): over this run's last ``WINDOW``
+        trainings of the dataset and model, else over the earlier runs in the store."""
+        key = _speed_key(c.dataset.name, c.dataset.train_limit, c.model)
+        samples = self.speed.get(key)
+        if samples:
+            return sum(s for s, _ in samples) / sum(e for _, e in samples), True
+        sec, ee = self.speed_before.get(key, (0.0, 0.0))
+        return (sec / ee, False) if ee > 0 else (None, False)
+
+    def cell_cost_ee(self, c: Cell) -> tuple[float, bool]:
+        """(epoch-equivalents of the cell's defense, measured)."""
+        key = _cell_defense_key(c)
+        if key in self.cell_ee:
+            return self.cell_ee[key], True
+        if not c.defense.trains:
+            return 0.0, True
+        return float(c.recipe.epochs) * (0.1 if c.defense.needs_backdoored_model else 1.0), False
+
+    def task_seconds(self, kind: str, c: Cell) -> tuple[float | None, bool]:
+        """(seconds, is a guess) of one task; None when its speed is not known at all."""
+        spe, _ = self.seconds_per_ee(c)
+        if spe is None:
+            return None, True
+        if kind == "backdoor":
+            return c.recipe.epochs * spe, False
+        ee, measured = self.cell_cost_ee(c)
+        return self.overhead() + ee * spe, not measured
+
+    def remaining(self, backdoors: list[Cell], cells: list[Cell], workers: int = 1) -> tuple[float | None, int]:
+        """(wall seconds of the remaining work over ``workers``, number of tasks whose cost is a guess);
+        seconds is None while a task's speed is unknown."""
+        total, guesses = 0.0, 0
+        for kind, group in (("backdoor", backdoors), ("cell", cells)):
+            for c in group:
+                sec, guess = self.task_seconds(kind, c)
+                if sec is None:
+                    return None, len(backdoors) + len(cells)
+                total += sec
+                guesses += guess
+        n = len(backdoors) + len(cells)
+        return total / max(1, min(workers, n)), guesses
+
+
+def estimate_seconds(p: Plan, runner) -> tuple[float | None, int]:
+    """(serial seconds of the plan from the store's earlier measurements, tasks whose cost is a guess)."""
+    from .runner import numerics
+
+    model = CostModel(numerics(runner.device, False))
+    model.load_history(runner.store)
+    return model.remaining(list(p.backdoors.values()), p.todo, 1)
+
+
+# --- checks before any work ------------------------------------------------------------------
+
+def check_writable(path, flag: str) -> None:
+    """``path`` can be created and written to, or one :class:`ConfigError` naming the flag."""
+    from pathlib import Path
+
+    from .registry import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write to '{path}' ({e.strerror or e}); "
+                          f"choose a writable folder with {flag}") from None
+
+
+def poison_fit(attack, y: torch.Tensor) -> str | None:
+    """Why ``attack``'s poison and cover counts do not fit the training labels ``y``, else None.
+
+    Only attacks that draw from part of the set (TaCT's source class, a clean-label attack's target
+    class) can ask for more images than exist; at least one image of that part must stay clean, or
+    the clean reserve and the class's clean accuracy have nothing left."""
+    where = getattr(attack, "matrix_field", "") or attack.key
+    n = len(y)
+    n_poison = int(n * attack.poison_ratio)
+    pool = int(attack.eligible_poison(y).sum())
+    if pool < n and n_poison >= pool and n_poison > 0:
+        if "source" in attack.class_fields:
+            what = f"source class {attack.source} has {pool} training images"
+        elif attack.clean_label:
+            what = f"target class {attack.target} has {pool} training images"
+        else:
+            what = f"only {pool} training images are eligible"
+        most = math.floor(max(pool - 1, 0) / n * 1e4) / 1e4
+        return (f"{where}.poison_ratio: {attack.poison_ratio:g} asks for {n_poison} poisoned images of {n}, but "
+                f"{what}; allowed: at most {most:g}, which leaves one of them clean")
+    n_cover = int(n * attack.cover_ratio)
+    cover_pool = int(attack.eligible_cover(y).sum())
+    if cover_pool < n and n_cover > cover_pool:
+        most = math.floor(cover_pool / n * 1e4) / 1e4
+        return (f"{where}.cover_ratio: {attack.cover_ratio:g} asks for {n_cover} cover images, but the cover "
+                f"classes have {cover_pool} training images; allowed: at most {most:g}")
+    return None
+
+
+def preflight(cells: list[Cell], runner) -> None:
+    """Load every dataset the cells need once (a missing or unreadable file is one message, before any
+    training) and check each attack against the data it meets: its geometry and class fields
+    (``Attack.check``) and whether its poison fits the classes it draws from."""
+    from .registry import ConfigError
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP pool in a parent that forks workers later
+    try:
+        checked = set()
+        for c in cells:
+            ds = runner.dataset(c)  # raises DataNotFoundError / DataError with the path and the fix
+            key = (c.dataset, digest(c.poison_ident()))
+            if key in checked:
+                continue
+            checked.add(key)
+            where = getattr(c.attack, "matrix_field", "") or c.attack.key
+            try:
+                c.attack.check(ds.size, ds.num_classes)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e} [dataset '{c.dataset.name}' as loaded: {ds.num_classes} classes, "
+                                  f"{ds.size}x{ds.size} px]") from None
+            problem = poison_fit(c.attack, ds.train.y)
+            if problem:
+                raise ConfigError(f"{problem} [dataset '{c.dataset.label}']")
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- progress ---------------------------------------------------------------------------------
 
 class Progress:
-    def __init__(self, total: int, workers: int, stream=sys.stderr):
+    """Counts, and an ETA from the remaining planned work and its measured cost (:class:`CostModel`)."""
+
+    def __init__(self, total: int, workers: int, stream=sys.stderr, cost: CostModel | None = None,
+                 backdoors: dict | None = None, cells: list | None = None):
         self.total, self.workers, self.stream = total, workers, stream
         self.done = self.failed = self.running = 0
         self.durations: list[float] = []
         self.t0 = time.time()
+        self.cost = cost or CostModel()
+        self.backdoors_left = dict(backdoors or {})  # backdoor key -> a cell that needs it
+        self.cells_left = {id(c): c for c in (cells or [])}
+
+    def backdoor_done(self, key: str, seconds: float | None = None, ee: float | None = None) -> None:
+        c = self.backdoors_left.pop(key, None)
+        if c is not None and seconds:
+            self.cost.observe_backdoor(c, seconds, ee)
+
+    def cell_done(self, c: Cell, seconds: float, result: dict | None) -> None:
+        self.cells_left.pop(id(c), None)
+        if result is None:
+            return
+        b = result.get("backdoor") or {}
+        key = digest(c.backdoor_ident())
+        if key in self.backdoors_left:  # an executor that reports only cells (Ray): learn it here
+            self.backdoor_done(key, b.get("wall_time_s"), b.get("epoch_equivalents"))
+        self.cost.observe_cell(c, seconds, result.get("epoch_equivalents", 0.0))
+
+    def eta(self) -> str:
+        if not self.cells_left:
+            return ""
+        seconds, guesses = self.cost.remaining(list(self.backdoors_left.values()), list(self.cells_left.values()),
+                                               self.workers)
+        if seconds is None:
+            return ", ETA unknown until a training finishes"
+        tasks = len(self.backdoors_left) + len(self.cells_left)
+        if guesses:
+            return f", ETA ~{fmt_seconds(seconds)} (a guess: {guesses} of {tasks} tasks not measured yet)"
+        return f", ETA {fmt_seconds(seconds)}"
 
     def line(self) -> str:
-        left = self.total - self.done - self.failed
-        eta = ""
-        if self.durations and left:
-            eta = f", ETA {fmt_seconds(left * mean(self.durations) / self.workers)}"
         return (f"[{self.done + self.failed}/{self.total}] done {self.done}, running {self.running}, "
-                f"failed {self.failed}{eta}")
+                f"failed {self.failed}{self.eta()}")
 
     def say(self, msg: str) -> None:
         if self.stream is not None:
@@ -173,13 +492,21 @@ def _run_task(runner, kind: str, cell: Cell):
     except Exception as e:  # recorded, reported, and the matrix goes on
         tb = traceback.format_exc()
         log.error("%s %s failed:\n%s", kind, cell.label, tb)
-        return "failed", repr(e), tb, time.time() - t0
+        return "failed", Failure(repr(e), failure_cause(repr(e), e)), tb, time.time() - t0
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
 _WORKER_RUNNER = None
+_WORKER_BUSY = False
+
+
+def _worker_sigterm(signum, frame):
+    """In a worker: unwind the running task (its ``finally`` blocks remove temporary files), then exit."""
+    if _WORKER_BUSY:
+        raise Interrupted(signum)
+    os._exit(128 + signum)
 
 
 def _init_worker(slots, store_root, data_root, trainer_options):
@@ -187,6 +514,9 @@ def _init_worker(slots, store_root, data_root, trainer_options):
     from .runner import Runner
     from .store import Store
 
+    # Ctrl-C reaches every process of the terminal's group: the parent decides, and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     slot = slots.get()
     torch.set_num_threads(slot.threads)
     logging.getLogger("bench").setLevel(logging.INFO)
@@ -195,7 +525,53 @@ def _init_worker(slots, store_root, data_root, trainer_options):
 
 
 def _worker_task(kind, cell):
-    return _run_task(_WORKER_RUNNER, kind, cell)
+    global _WORKER_BUSY
+    _WORKER_BUSY = True
+    try:
+        return _run_task(_WORKER_RUNNER, kind, cell)
+    except Interrupted as e:
+        os._exit(128 + e.signum)
+    finally:
+        _WORKER_BUSY = False
+
+
+def _stop_workers(pool, grace: float = 10.0) -> None:
+    """Stop a process pool now: cancel what has not started, SIGTERM the workers (each unwinds its
+    task, removing temporary files), SIGKILL any that outlive ``grace`` seconds."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    deadline = time.time() + grace
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def on_signals(handler):
+    """Install ``handler`` for SIGINT and SIGTERM; returns a function that restores the previous ones.
+    Outside the main thread (where Python cannot install handlers) nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def raise_interrupted(signum, frame):
+    """Signal handler of ``run``: later signals are ignored while it stops, the first one unwinds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _backdoor_ee(runner, key: str) -> float | None:
+    meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
+    return meta.get("epoch_equivalents") if isinstance(meta, dict) else None
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -208,11 +584,16 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
     for c in p.cached:
         outcomes[id(c)] = CellOutcome(c, "cached", runner.cached_result(c))
     for c in p.failed_before:
-        rec = runner.store.load_json(runner.failure_path(c)) or {}
+        rec = earlier_failure(runner, c) or {}
         outcomes[id(c)] = CellOutcome(c, "failed", error=f"failed in an earlier run: {rec.get('error')} "
                                                          f"(--retry-failed reruns it)")
     workers = len(slots) if slots else 1
-    prog = Progress(len(p.todo), workers, progress)
+    from .runner import numerics
+
+    cost = CostModel(numerics(slots[0].device if slots else runner.device, False) | (
+        {"threads": slots[0].threads} if slots else {}))
+    cost.load_history(runner.store)
+    prog = Progress(len(p.todo), workers, progress, cost, p.backdoors, p.todo)
     if p.todo and progress is not None:
         actual, naive = p.trainings()
         print(f"{len(p.cells)} cells: {len(p.cached)} cached, {len(p.todo)} to run "
@@ -222,11 +603,15 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         if status == "done":
             prog.done += 1
             prog.durations.append(seconds)
+            prog.cell_done(cell, seconds, payload)
             outcomes[id(cell)] = CellOutcome(cell, "done", payload, seconds=seconds)
+            runner.failure_path(cell).unlink(missing_ok=True)  # an earlier failure is resolved
             asr = payload["asr"]
             prog.say(f"{cell.label}: ACC {100 * payload['acc']:.1f} ASR {100 * asr:.1f} ({seconds:.1f}s)")
         else:
             prog.failed += 1
+            prog.cell_done(cell, seconds, None)
+            payload = payload if isinstance(payload, Failure) else Failure(str(payload))
             runner.record_failure(cell, payload, tb or "")
             outcomes[id(cell)] = CellOutcome(cell, "failed", error=payload, seconds=seconds)
             prog.say(f"{cell.label}: FAILED {payload}")
@@ -249,11 +634,13 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         # results reach the store as early as possible
         for key, c in p.backdoors.items():
             status, err, tb, dt = _run_task(runner, "backdoor", c)
+            prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
             if status == "done":
                 run_cells(waiting.pop(key))
             else:
                 for cell in waiting.pop(key):
-                    finish(cell, "failed", f"backdoored model failed: {err}", tb, 0.0)
+                    finish(cell, "failed", Failure(f"backdoored model failed: {err}", getattr(err, "cause", None)),
+                           tb, 0.0)
         prog.running = 0
     elif executor == "ray":
         from .ray_executor import run_ray
@@ -267,9 +654,10 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         queue = ctx.Queue()
         for s in slots:
             queue.put(s)
-        with ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue, str(runner.store.root), runner.data_root,
-                                           runner.trainer_options)) as pool:
+        pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
+                                   initargs=(queue, str(runner.store.root), runner.data_root,
+                                             runner.trainer_options))
+        try:
             futures = {}
             for key, c in p.backdoors.items():
                 futures[pool.submit(_worker_task, "backdoor", c)] = ("backdoor", key, c)
@@ -286,12 +674,19 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                         status, payload, tb, dt = "failed", f"worker died: {e!r}", traceback.format_exc(), 0.0
                     if kind == "cell":
                         finish(c, status, payload, tb, dt)
-                    elif status == "done":
+                        continue
+                    prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
+                    if status == "done":
                         for cell in waiting.pop(key):
                             futures[pool.submit(_worker_task, "cell", cell)] = ("cell", None, cell)
                     else:
                         for cell in waiting.pop(key):
-                            finish(cell, "failed", f"backdoored model failed: {payload}", tb, 0.0)
+                            finish(cell, "failed", Failure(f"backdoored model failed: {payload}",
+                                                           getattr(payload, "cause", None)), tb, 0.0)
+        except BaseException:  # an interruption (or a bug here): no worker outlives this process
+            _stop_workers(pool)
+            raise
+        pool.shutdown(wait=True)
         prog.running = 0
     return [outcomes[id(c)] for c in p.cells]
 
@@ -300,11 +695,14 @@ def dry_run_text(p: Plan, runner) -> str:
     actual, naive = p.trainings()
     lines = [("cached  " if c in p.cached else "failed  " if c in p.failed_before else "todo    ") + c.label
              for c in p.cells]
-    est = estimate_seconds(p, runner)
+    est, guesses = estimate_seconds(p, runner)
     lines += ["", f"cells: {len(p.cells)} ({len(p.cached)} cached, {len(p.todo)} to run, "
                   f"{len(p.failed_before)} failed earlier)",
               f"backdoored models to train: {len(p.backdoors)}",
               f"trainings to execute: {actual} (a naive cell-by-cell pipeline: {naive})",
-              "estimated compute: " + (fmt_seconds(est) + " (serial, from finished cells of the same kind)"
-                                       if est is not None else "unknown until cells of each kind have finished")]
+              "estimated compute: " + (
+                  "unknown until a training of each dataset and model has finished" if est is None else
+                  fmt_seconds(est) + " (serial, from earlier measurements in the store" +
+                  (f"; a guess: {guesses} of {len(p.backdoors) + len(p.todo)} tasks not measured yet)"
+                   if guesses else ")"))]
     return "\n".join(lines)

@@ -42,20 +42,66 @@ def sha256_file(path: Path) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or an interruption (SIGINT/SIGTERM): leave nothing half-written
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
 
+#: the field of a result file that holds the SHA-256 of the rest of it
+CHECKSUM = "checksum"
+#: fields every result has, and their JSON types (the report and the planner read them)
+RESULT_FIELDS = {"acc": (int, float), "asr": (int, float), "wall_time_s": (int, float),
+                 "epoch_equivalents": (int, float), "key": (str,)}
+
+
+def result_checksum(row: dict) -> str:
+    body = {k: v for k, v in row.items() if k != CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def result_problem(row, key: str | None = None) -> str | None:
+    """Why ``row`` (parsed JSON) is not a usable result, else None."""
+    if not isinstance(row, dict):
+        return f"malformed: a JSON {type(row).__name__}, not a result"
+    for name, types in RESULT_FIELDS.items():
+        if name not in row:
+            return f"malformed: no '{name}'"
+        if isinstance(row[name], bool) or not isinstance(row[name], types):
+            return f"malformed: '{name}' is {type(row[name]).__name__}"
+    if key is not None and row["key"] != key:
+        return f"belongs to another cell (key {row['key']!r})"
+    if CHECKSUM in row and row[CHECKSUM] != result_checksum(row):
+        return "edited or corrupt: the checksum does not match the content"
+    for name in ("acc", "asr"):
+        if not (row[name] != row[name] or 0 <= row[name] <= 1):  # NaN allowed (nothing counted)
+            return f"malformed: '{name}' is {row[name]}, outside [0, 1]"
+    return None
+
+
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._reported: set[Path] = set()
+
+    def report_bad(self, path: Path, problem: str) -> bool:
+        """Log a bad file once per process (one line); True the first time."""
+        if path in self._reported:
+            return False
+        self._reported.add(path)
+        log.warning("%s: %s; it will be recomputed", path, problem)
+        return True
 
     def dir(self, kind: str, key: str) -> Path:
         return self.root / kind / key
@@ -78,10 +124,15 @@ class Store:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         weights = d / "weights.safetensors"
         tmp = d / f".weights.{os.getpid()}.tmp"
-        save_file(state, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, weights)
+        try:
+            save_file(state, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, weights)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         atomic_write_json(d / "meta.json", {**meta, "sha256": sha256_file(weights)})
 
     def load_model(self, kind: str, key: str, model: torch.nn.Module) -> dict | None:
@@ -89,7 +140,7 @@ class Store:
         d = self.dir(kind, key)
         meta = self.load_json(d / "meta.json")
         weights = d / "weights.safetensors"
-        if meta is None or not weights.exists():
+        if not isinstance(meta, dict) or not weights.exists():
             return None
         if sha256_file(weights) != meta.get("sha256"):
             log.warning("checksum mismatch for %s; recomputing", weights)
@@ -107,8 +158,36 @@ class Store:
         try:
             with open(path) as f:
                 return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
             return None
+
+    # --- results -------------------------------------------------------------------------------
+    def save_result(self, path: Path, row: dict) -> dict:
+        """Write a result with its checksum; returns the row exactly as a later load sees it."""
+        row = json.loads(json.dumps(row, default=str))  # what a reader gets back, checksum included
+        row.pop(CHECKSUM, None)
+        row[CHECKSUM] = result_checksum(row)
+        atomic_write_json(path, row)
+        return row
+
+    def load_result(self, path: Path, key: str | None = None) -> tuple[dict | None, str | None]:
+        """``(row, None)`` for a verified result, ``(None, None)`` when there is none, and
+        ``(None, problem)`` for a file that is corrupt, edited by hand or not a result at all.
+        A result written before checksums existed is accepted when it is well formed."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            return None, f"unreadable ({e.strerror or e})"
+        try:
+            row = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, f"corrupt: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02X})"
+        except ValueError as e:
+            return None, f"corrupt: not JSON ({e})"
+        problem = result_problem(row, key)
+        return (None, problem) if problem else (row, None)
 
     def save_json(self, kind: str, key: str, name: str, obj) -> Path:
         path = self.dir(kind, key) / name

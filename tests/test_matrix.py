@@ -24,7 +24,7 @@ def test_sweep_expands_to_one_cell_per_value():
     ({"datasets": ["cifar1O"]}, "datasets[0]", "did you mean 'cifar10'"),
     ({"models": ["resnet-18"]}, "models[0]", "did you mean 'resnet18'"),
     ({"attacks": [{"name": "badnet", "poison_ratio": "high"}]}, "attacks[0].poison_ratio", "expected a number"),
-    ({"attacks": [{"name": "badnet", "poison_ratio": 1.5}]}, "attacks[0]", "outside [0, 1]"),
+    ({"attacks": [{"name": "badnet", "poison_ratio": 1.5}]}, "attacks[0].poison_ratio", "allowed: [0, 1]"),
     ({"attacks": [{"name": "badnet", "target": 10}]}, "attacks[0].target", "allowed: 0..9"),
     ({"attacks": [{"name": "badnet", "patch_sise": 3}]}, "attacks[0].patch_sise", "did you mean 'patch_size'"),
     ({"attacks": [{"poison_ratio": 0.1}]}, "attacks[0].name", "missing"),

@@ -42,3 +42,70 @@ def test_missing_meta_means_incomplete(tmp_path):
     s.save_model("backdoor", "k", _m(0), {})
     (s.dir("backdoor", "k") / "meta.json").unlink()
     assert s.load_model("backdoor", "k", _m(1)) is None
+
+
+# --- verified results ------------------------------------------------------------------------------
+
+def _saved(tmp_path):
+    s = Store(tmp_path)
+    path = tmp_path / "results" / "k.json"
+    s.save_result(path, {"acc": 0.97, "asr": 0.12, "wall_time_s": 1.5, "epoch_equivalents": 3.0, "key": "k",
+                         "info": {"t": (1, 2)}})
+    return s, path
+
+
+def test_result_roundtrip_carries_a_checksum(tmp_path):
+    s, path = _saved(tmp_path)
+    row, problem = s.load_result(path, "k")
+    assert problem is None and row["acc"] == 0.97 and row["info"] == {"t": [1, 2]} and len(row["checksum"]) == 64
+    assert s.load_result(tmp_path / "results" / "none.json") == (None, None)
+
+
+def test_result_with_a_bad_byte_is_named_not_raised(tmp_path):
+    s, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[10] = 0xFF
+    path.write_bytes(bytes(data))
+    row, problem = s.load_result(path, "k")
+    assert row is None and problem == "corrupt: not UTF-8 text (byte 10 is 0xFF)"
+
+
+def test_result_edited_by_hand_is_detected(tmp_path):
+    import json
+
+    s, path = _saved(tmp_path)
+    row = json.loads(path.read_text())
+    row["acc"] = 0.5
+    path.write_text(json.dumps(row))
+    assert s.load_result(path, "k") == (None, "edited or corrupt: the checksum does not match the content")
+
+
+def test_malformed_results_are_named(tmp_path):
+    s, path = _saved(tmp_path)
+    for text, problem in [("{}", "malformed: no 'acc'"), ("[]", "malformed: a JSON list, not a result"),
+                          ("nul", "corrupt: not JSON"), ('{"acc": "high"}', "malformed: 'acc' is str"),
+                          (path.read_text()[:40], "corrupt: not JSON")]:
+        path.write_text(text)
+        row, got = s.load_result(path, "k")
+        assert row is None and got.startswith(problem), (text, got)
+
+
+def test_result_of_another_cell_and_results_without_checksum(tmp_path):
+    import json
+
+    s, path = _saved(tmp_path)
+    assert s.load_result(path, "other")[1] == "belongs to another cell (key 'k')"
+    row = json.loads(path.read_text())
+    del row["checksum"]  # written before checksums existed: accepted when well formed
+    path.write_text(json.dumps(row))
+    assert s.load_result(path, "k")[0]["acc"] == 0.97
+    row["acc"] = 1.5
+    path.write_text(json.dumps(row))
+    assert s.load_result(path, "k")[1] == "malformed: 'acc' is 1.5, outside [0, 1]"
+
+
+def test_malformed_model_meta_means_incomplete(tmp_path):
+    s = Store(tmp_path)
+    s.save_model("backdoor", "k", _m(0), {})
+    (s.dir("backdoor", "k") / "meta.json").write_text("[]")
+    assert s.load_model("backdoor", "k", _m(1)) is None
