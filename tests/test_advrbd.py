@@ -161,12 +161,12 @@ def test_calibration_finds_digits_eps(backdoored):
     assert table[0][1] < 0.2 < table[1][1]  # 16/255 flips almost nothing on digits
 
 
-def _run(tmp_path, poison_ratio, train_limit=None, epochs=8):
+def _run(tmp_path, poison_ratio, train_limit=None, epochs=10):
     raw = {"datasets": [{"name": "digits", "train_limit": train_limit}], "models": ["small_cnn"],
            "recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "crop_padding": 0},
            "attacks": [{"name": "badnet", "poison_ratio": poison_ratio}],
            "defenses": [{"name": "advrbd", "eps": 64 / 255, "radius": 4, "rounds": 3, "partition_rate": 0.04,
-                         "pgd_steps": 2, "score_limit": 400, "relearn_epochs": 1}]}
+                         "pgd_steps": 3, "relearn_epochs": 1}]}
     matrix = parse_matrix(raw)
     runner = Runner(Store(tmp_path / "runs"))
     return runner.run_cell(matrix.cells[0])
