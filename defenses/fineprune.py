@@ -255,7 +255,7 @@ class FinePruning(Defense):
         del acts
         channels = mean_act.numel()
         order = torch.argsort(mean_act.cpu(), stable=True)  # dormant first
-        info = {"layer": layer, "channels": channels}
+        info = {"layer": layer, "channels": channels, "channel_order": order.tolist()}
         if prune_rate is not None:
             n = int(math.floor(prune_rate * channels))
         else:

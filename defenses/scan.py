@@ -281,11 +281,12 @@ class SCAnFT(Defense):
 
     def detect(self, ctx: DefenseContext, model) -> dict:
         trainer = ctx.trainer
+        if self.trusted_reserve and (ctx.clean_reserve is None or len(ctx.clean_reserve) == 0):
+            raise RuntimeError("SCAnFT with trusted_reserve needs the clean reserve, which the harness did not "
+                               "provide (set reserve_ratio > 0, or trusted_reserve: false for the poisoned-set variant)")
         feats = trainer.features(model, ctx.train.x)
         ref_feats = ref_y = None
         if self.trusted_reserve:
-            if ctx.clean_reserve is None:
-                raise RuntimeError("trusted_reserve needs the clean reserve, which the harness did not provide")
             ref_feats, ref_y = trainer.features(model, ctx.clean_reserve.x), ctx.clean_reserve.y
         gen = torch.Generator().manual_seed(ctx.seed + 21)
         return scan_detect(feats, ctx.train.y, ctx.num_classes, gen, self.threshold, ref_feats, ref_y,
