@@ -1,31 +1,53 @@
-"""SCAn (Tang et al., USENIX Security 2021) with AdvrBD's repair, "SCAnFT": specs/defenses.md §6.
+"""SCAn (Tang, Wang, Zhang, Qian, Wang; USENIX Security 2021, "Demon in the Variant") with
+AdvrBD's repair ("SCAnFT").
 
 Post-training detection on the backdoored model's penultimate features (eval mode, no
-augmentation), following backdoor-toolbox's ``cleansers_tool_box/scan.py``, fully vectorised:
+augmentation).  It follows backdoor-toolbox (vtu81/backdoor-toolbox, commit 9d4d909,
+``cleansers_tool_box/scan.py``: ``SCAn`` and ``cleanser``), vectorised over samples:
 
-1. features centred by their global mean;
-2. global model (EM): ``r = mu_class + eps`` with between-class covariance ``S_u`` and
-   within-class covariance ``S_e``; posterior-mean class means with ``F = pinv(S_e)`` and
-   ``pinv(n_k S_u + S_e)``, until ``|dS_u| + |dS_e| < tol`` or ``em_iters``;
-3. local model per class: untangle the class into two subgroups from a seeded random start
-   (assign x to group 1 iff ``mu1'F mu1 - mu2'F mu2 - 2 x'F(mu1 - mu2) < 0``);
-4. per class the log-likelihood ratio of the two-subgroup model against the one-mean model,
-   divided by the maximum over classes; ``J_k = |a_k - median(a)| / (1.4826 MAD(a))``;
-5. class k is contaminated if ``J_k > threshold`` (default e^2 as in several reimplementations;
-   backdoor-toolbox's cleanser uses e = 2.718); in a flagged class the poison subgroup is the
-   smaller one (no clean data), or with ``trusted_reserve`` the one holding fewer reserve samples;
-6. repair: ``repair="unlearn"`` (default, our proposal for AdvrBD's stripped values): from the
-   backdoored model, ``repair_epochs`` of one ascent pass over the flagged samples and one descent
-   pass over the rest at ``repair_lr``; ``repair="retrain"``: a fresh model trained with the
-   recipe on D without the flagged samples.
+1. **Global model** (EM), fitted by default on the trusted clean reserve, as backdoor-toolbox's
+   ``cleanser`` fits it on its clean split.  Each representation is a class mean plus noise,
+   ``r = mu_class + eps``, with between-class covariance ``S_u`` and within-class covariance
+   ``S_e``.  The reserve features are centred by their own mean; the E-step estimates each class
+   mean as ``S_e pinv(n_k S_u + S_e) S_u F sum(x)`` with ``F = pinv(S_e)``, the M-step recomputes
+   both covariances, until ``|dS_u| + |dS_e| < tol`` or ``em_iters`` iterations.
+2. **Local model**, per class: the class's samples of D *and* the class's reserve samples (the
+   reference appends its clean split to the inspected set) are centred by the mean of D plus
+   reserve and untangled into two subgroups from a seeded random start: x joins group 1 iff
+   ``mu1'F mu1 - mu2'F mu2 - 2 x'F(mu1 - mu2) < 0``, until the assignment stops changing.
+3. **Statistic**: per class the log-likelihood ratio of the two-subgroup model against the
+   one-mean model, per sample; divided by its maximum over classes, it gives
+   ``J_k = |a_k - median(a)| / (1.4826 MAD(a))`` with the median as numpy computes it (mean of
+   the two middle values for an even count; ``torch.median`` would take the lower one).
+4. **Decision**: class k is contaminated iff ``J_k > threshold`` (e, the reference's value).  In a
+   flagged class the poison subgroup is the one holding fewer reserve samples (ties: the smaller
+   subgroup).
+5. **Repair** (AdvrBD's SCAnFT: "pick out triggered samples and unlearn them", its values
+   stripped): ``repair="unlearn"`` runs ``repair_epochs`` of one gradient-ascent pass over the
+   flagged samples and one descent pass over the rest at ``repair_lr``, from the backdoored model;
+   ``repair="retrain"`` trains a fresh model on D without the flagged samples, as
+   backdoor-toolbox's ``train_on_cleansed_set.py`` does.
 
-Clean data: none by default (the global model is fitted on D, relying on poison being a
-minority).  ``trusted_reserve: true`` fits the global model on the harness's clean reserve, as
-the reference design does, and the run is then reported as using clean data
-(``uses_clean_data`` is a per-instance property).
+Deviations from the reference, and why:
 
-A ridge ``ridge * I`` is added before every pseudo-inverse (spec pitfall: small classes).
-Epoch fields accept ``None``: repair 0.1 x recipe epochs, retrain 1.0 x recipe epochs.
+* **One-mean estimate.**  The reference's likelihood-ratio test estimates a class's single mean as
+  ``S_e pinv(n S_u + S_e) sum(x)``, which drops the ``S_u F`` factor its own E-step uses.  We use
+  the posterior mean of the Gaussian model, ``S_u (n S_u + S_e)^-1 sum(x)`` (equal to the E-step's
+  expression), which is what the likelihood ratio is defined with.  ``one_mean="reference"``
+  reproduces the reference's formula (used by the differential test).
+* **Reserve inside D.**  The harness draws the clean reserve from the training set, so reserve
+  samples also appear, unlabelled as such, among D's samples; the reference's clean split is
+  disjoint from the inspected set.  The reserve is 5 % of D by default (1,000 images on a 20k
+  CIFAR-10 slice); the reference's clean budget is 2,000 CIFAR-10 test images.
+* **Poisoned-set variant (ours).**  ``trusted_reserve=False`` fits the global model on D itself
+  and takes the smaller subgroup as poison: a clean-data-free fallback, not the reference design.
+  It relies on poison being a minority, and a large poisoned subgroup inflates the target class's
+  ``S_e``, which hides it.
+* A ridge ``ridge * I`` is added before every pseudo-inverse (small classes make ``S_e`` and
+  ``n S_u + S_e`` ill-conditioned); ``ridge=0`` gives the reference's plain pseudo-inverse.
+* Clean-reference membership uses "index >= size of D" (the reference's ``>`` miscounts one).
+
+``uses_clean_data`` is a per-instance property: true unless ``trusted_reserve`` is false.
 """
 from __future__ import annotations
 
@@ -36,7 +58,7 @@ from typing import ClassVar
 import torch
 
 from . import register_defense
-from ._common import epochs_or_derived, unlearn_relearn
+from ._common import unlearn_relearn
 from .base import Defense, DefenseContext, Outcome
 
 
@@ -75,12 +97,16 @@ def global_model(x: torch.Tensor, y: torch.Tensor, k: int, iters: int = 100, tol
     return su, se
 
 
-def find_split(x: torch.Tensor, f: torch.Tensor, gen: torch.Generator, iters: int = 100):
-    """Two-subgroup untangling of one class's centred features ``x``: bool group-1 mask, mu1, mu2."""
+def find_split(x: torch.Tensor, f: torch.Tensor, gen: torch.Generator | None = None, iters: int = 100,
+               init: torch.Tensor | None = None):
+    """Two-subgroup untangling of one class's centred features ``x``: bool group-1 mask, mu1, mu2.
+
+    The start is ``init`` (a bool mask) if given, else a uniform random half split drawn from
+    ``gen``.  Stops when the assignment repeats (or swaps entirely) or after ``iters`` steps."""
     n = x.shape[0]
     if n < 2:
         return torch.zeros(n, dtype=torch.bool), x.mean(0), x.mean(0)
-    z = torch.rand(n, generator=gen, dtype=torch.float64) >= 0.5
+    z = init.clone() if init is not None else torch.rand(n, generator=gen, dtype=torch.float64) >= 0.5
     if not z.any():
         z[0] = True
     if z.all():
@@ -102,13 +128,30 @@ def find_split(x: torch.Tensor, f: torch.Tensor, gen: torch.Generator, iters: in
     return z, mu1, mu2
 
 
-def split_statistic(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: torch.Tensor, z: torch.Tensor,
-                    mu1: torch.Tensor, mu2: torch.Tensor, ridge: float = 1e-6) -> float:
-    """Log-likelihood ratio (per sample) of the two-subgroup model against the one-mean model."""
+ONE_MEAN = ("posterior", "reference")
+
+
+def one_mean_estimate(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: torch.Tensor,
+                      kind: str = "posterior", ridge: float = 1e-6) -> torch.Tensor:
+    """A class's single mean under the global model, from its ``n`` centred samples ``x``.
+
+    ``"posterior"``: the posterior mean ``S_u (n S_u + S_e)^-1 sum(x)``, written as the global
+    model's E-step writes it, ``S_e pinv(n S_u + S_e) S_u F sum(x)``.  ``"reference"``:
+    backdoor-toolbox's ``calc_test`` expression ``S_e pinv(n S_u + S_e) sum(x)``."""
     n = x.shape[0]
-    # the global model's shrinkage (posterior-mean) estimate of the class mean, as in its E-step:
-    # S_e pinv(n S_u + S_e) S_u F sum(x)  (= S_u (n S_u + S_e)^-1 sum(x))
-    mu = se @ _pinv(n * su + se, ridge) @ su @ f @ x.sum(0)
+    s = x.sum(0)
+    if kind == "posterior":
+        s = su @ (f @ s)
+    elif kind != "reference":
+        raise ValueError(f"one_mean: '{kind}' is not one of {list(ONE_MEAN)}")
+    return se @ (_pinv(n * su + se, ridge) @ s)
+
+
+def split_statistic(x: torch.Tensor, mu: torch.Tensor, f: torch.Tensor, z: torch.Tensor,
+                    mu1: torch.Tensor, mu2: torch.Tensor) -> float:
+    """Log-likelihood ratio (per sample) of the two-subgroup model (``z``, ``mu1``, ``mu2``)
+    against the one-mean model with mean ``mu``."""
+    n = x.shape[0]
     b1 = mu @ f @ mu - mu1 @ f @ mu1
     b2 = mu @ f @ mu - mu2 @ f @ mu2
     n1 = int(z.sum())
@@ -118,27 +161,42 @@ def split_statistic(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: torc
     return float(sc / n)
 
 
+def numpy_median(a: torch.Tensor) -> torch.Tensor:
+    """The median as ``numpy.median`` takes it: the mean of the two middle values for an even count."""
+    return torch.quantile(a.double(), 0.5, interpolation="linear")
+
+
 def anomaly_index(a: torch.Tensor) -> torch.Tensor:
-    med = a.median()
+    """``|a - median(a)| / (1.4826 MAD(a))`` with numpy-style medians."""
+    med = numpy_median(a)
     dev = (a - med).abs()
-    mad = dev.median() * 1.4826
+    mad = numpy_median(dev) * 1.4826
     return dev / mad.clamp(min=1e-12)
 
 
-def scan_detect(feats: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generator, threshold: float,
+def scan_detect(feats: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generator | None, threshold: float,
                 ref_feats: torch.Tensor | None = None, ref_y: torch.Tensor | None = None,
-                em_iters: int = 100, tol: float = 1e-5, ridge: float = 1e-6) -> dict:
-    """SCAn on features ``feats`` (N x M).  With references (trusted clean features) the global
-    model is fitted on them and they join each class's split; the poison subgroup is the one
-    holding fewer references.  Returns flagged classes, J, statistics and the flagged indices."""
+                em_iters: int = 100, tol: float = 1e-5, ridge: float = 1e-6, one_mean: str = "posterior",
+                init_fn=None) -> dict:
+    """SCAn on features ``feats`` (N x M) of D with given labels ``y``.
+
+    With references (trusted clean features ``ref_feats``, labels ``ref_y``) the global model is
+    fitted on them (centred by their own mean), each class's split runs on its D samples followed
+    by its references (all centred by the mean of D plus references), and the poison subgroup is
+    the one holding fewer references.  Without them the global model is fitted on D and the
+    smaller subgroup is the poison.  ``init_fn(c, n)``, if given, returns the bool start of class
+    ``c``'s split (for differential tests); otherwise ``gen`` draws it.  Returns flagged classes,
+    J, the per-class statistics and the flagged indices of D."""
     x = feats.double()
-    mean = x.mean(0)
-    xc = x - mean
     if ref_feats is not None:
-        rc = ref_feats.double() - mean
-        su, se = global_model(rc, ref_y, k, em_iters, tol, ridge)
+        r = ref_feats.double()
+        su, se = global_model(r - r.mean(0), ref_y, k, em_iters, tol, ridge)
+        allx = torch.cat([x, r])
+        mean = allx.mean(0)
+        xc, rc = x - mean, r - mean
     else:
         rc = None
+        xc = x - x.mean(0)
         su, se = global_model(xc, y, k, em_iters, tol, ridge)
     f = _pinv(se, ridge)
     stats = torch.zeros(k, dtype=torch.float64)
@@ -148,11 +206,14 @@ def scan_detect(feats: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generat
         xs = xc[idx]
         n_ref = 0
         if rc is not None:
-            r = rc[ref_y == c]
-            n_ref = len(r)
-            xs = torch.cat([xs, r])
-        z, mu1, mu2 = find_split(xs, f, gen)
-        stats[c] = split_statistic(xs, su, se, f, z, mu1, mu2, ridge) if len(xs) >= 2 else 0.0
+            rs = rc[ref_y == c]
+            n_ref = len(rs)
+            xs = torch.cat([xs, rs])
+        init = init_fn(c, len(xs)) if init_fn is not None and len(xs) >= 2 else None
+        z, mu1, mu2 = find_split(xs, f, gen, em_iters, init)
+        if len(xs) >= 2:
+            mu = one_mean_estimate(xs, su, se, f, one_mean, ridge)
+            stats[c] = split_statistic(xs, mu, f, z, mu1, mu2)
         z_d, z_r = z[:len(idx)], z[len(idx):]
         if n_ref:  # poison = the subgroup with fewer clean references (ties: the smaller one)
             r1, r2 = int(z_r.sum()), int((~z_r).sum())
@@ -173,25 +234,33 @@ def scan_detect(feats: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generat
 class SCAnFT(Defense):
     """SCAn detection of contaminated classes and samples, then unlearning (or retraining without them)."""
 
-    #: J threshold for a contaminated class (e^2; backdoor-toolbox's cleanser: e = 2.718)
-    threshold: float = math.e ** 2
-    #: fit the global model on the clean reserve (reference design; the run then uses clean data)
-    trusted_reserve: bool = False
-    #: "unlearn" (ascent on flagged + descent on the rest, from the backdoored model) or "retrain"
+    #: J threshold for a contaminated class: e, as backdoor-toolbox's ``cleanser`` (scan.py);
+    #: several other reimplementations use e^2
+    threshold: float = math.e
+    #: fit the global model on the clean reserve, which also joins each class's split (true: the
+    #: reference design, backdoor-toolbox's ``cleanser``); false: fit it on D and take the smaller
+    #: subgroup as poison (ours, a clean-data-free fallback)
+    trusted_reserve: bool = True
+    #: the one-mean model's class mean: "posterior" (ours, the Gaussian posterior mean) or
+    #: "reference" (backdoor-toolbox's ``calc_test`` formula); see the module docstring
+    one_mean: str = "posterior"
+    #: "unlearn" (AdvrBD's SCAnFT: ascent on flagged + descent on the rest, from the backdoored
+    #: model) or "retrain" (backdoor-toolbox: a fresh model on D without the flagged samples)
     repair: str = "unlearn"
-    #: unlearn/relearn epochs (spec proposal 10); None = 0.1 x recipe epochs
-    repair_epochs: int | None = 10
-    #: unlearn/relearn learning rate (constant; spec proposal 5e-4, as ABL)
+    #: unlearn/relearn epochs: 10 (our proposal; AdvrBD does not give its unlearning values)
+    repair_epochs: int = 10
+    #: unlearn/relearn learning rate, constant: 5e-4 (ABL's unlearning rate; AdvrBD gives none)
     repair_lr: float = 5e-4
-    #: epochs of the retrain mode; None = the recipe's epochs
-    retrain_epochs: int | None = None
-    #: maximum EM iterations of the global model and of each split
+    #: epochs of the retrain mode: 200 (backdoor-toolbox ``train_on_cleansed_set.py``, CIFAR-10)
+    retrain_epochs: int = 200
+    #: maximum EM iterations of the global model and of each split: 100 (reference)
     em_iters: int = 100
-    #: EM convergence tolerance on |dS_u| + |dS_e|
+    #: EM convergence tolerance on |dS_u| + |dS_e|: 1e-5 (reference)
     tol: float = 1e-5
-    #: ridge added before every pseudo-inverse
+    #: ridge added before every pseudo-inverse: 1e-6 (ours; the reference adds none)
     ridge: float = 1e-6
 
+    version: ClassVar[int] = 2
     needs_backdoored_model = True
     display_name = "SCAnFT"
     REPAIRS: ClassVar = ("unlearn", "retrain")
@@ -199,6 +268,12 @@ class SCAnFT(Defense):
     def __post_init__(self):
         if self.repair not in self.REPAIRS:
             raise ValueError(f"repair: '{self.repair}' is not one of {list(self.REPAIRS)}")
+        if self.one_mean not in ONE_MEAN:
+            raise ValueError(f"one_mean: '{self.one_mean}' is not one of {list(ONE_MEAN)}")
+        for name in ("repair_epochs", "retrain_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: {value!r} must be a non-negative integer (absolute epochs)")
 
     @property
     def uses_clean_data(self) -> bool:  # type: ignore[override]
@@ -206,15 +281,16 @@ class SCAnFT(Defense):
 
     def detect(self, ctx: DefenseContext, model) -> dict:
         trainer = ctx.trainer
+        if self.trusted_reserve and (ctx.clean_reserve is None or len(ctx.clean_reserve) == 0):
+            raise RuntimeError("SCAnFT with trusted_reserve needs the clean reserve, which the harness did not "
+                               "provide (set reserve_ratio > 0, or trusted_reserve: false for the poisoned-set variant)")
         feats = trainer.features(model, ctx.train.x)
         ref_feats = ref_y = None
         if self.trusted_reserve:
-            if ctx.clean_reserve is None:
-                raise RuntimeError("trusted_reserve needs the clean reserve, which the harness did not provide")
             ref_feats, ref_y = trainer.features(model, ctx.clean_reserve.x), ctx.clean_reserve.y
         gen = torch.Generator().manual_seed(ctx.seed + 21)
         return scan_detect(feats, ctx.train.y, ctx.num_classes, gen, self.threshold, ref_feats, ref_y,
-                           self.em_iters, self.tol, self.ridge)
+                           self.em_iters, self.tol, self.ridge, self.one_mean)
 
     def run(self, ctx: DefenseContext) -> Outcome:
         model = ctx.backdoored_model()
@@ -223,16 +299,14 @@ class SCAnFT(Defense):
         keep = torch.ones(len(ctx.train), dtype=torch.bool)
         keep[flagged] = False
         info = {"flagged_classes": det["flagged_classes"], "j": [round(float(v), 4) for v in det["j"]],
-                "n_flagged": len(flagged), "repair": self.repair}
+                "n_flagged": len(flagged), "repair": self.repair, "trusted_reserve": self.trusted_reserve}
         if len(flagged) == 0:
             info["repair"] = "none (nothing flagged)"
             return Outcome(model, flagged=flagged, info=info)
         if self.repair == "retrain":
             model = ctx.trainer.fit(ctx.make_model(), ctx.train, indices=keep.nonzero().squeeze(1),
-                                    epochs=epochs_or_derived(self.retrain_epochs, ctx, 1.0), seed=ctx.seed)
+                                    epochs=self.retrain_epochs, seed=ctx.seed)
         else:
             model = unlearn_relearn(ctx, model, ctx.train, flagged, keep.nonzero().squeeze(1),
-                                    epochs=epochs_or_derived(self.repair_epochs, ctx, 0.1), lr=self.repair_lr,
-                                    seed=ctx.seed + 22, tag="repair")
+                                    epochs=self.repair_epochs, lr=self.repair_lr, seed=ctx.seed + 22, tag="repair")
         return Outcome(model, flagged=flagged, info=info)
-
