@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.data import ImageSet
+from bench.trainer import Recipe
 
 from .base import DefenseContext
 
@@ -30,14 +31,15 @@ def epochs_or_derived(value: int | None, ctx: DefenseContext, fraction: float) -
 
 def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlearn_idx: torch.Tensor,
                     learn_idx: torch.Tensor, epochs: int, lr: float, augment: bool = True,
-                    seed: int = 0, tag: str | None = None) -> nn.Module:
+                    seed: int = 0, tag: str | None = None, recipe: Recipe | None = None) -> nn.Module:
     """The D-BR repair pattern: per epoch, one pass of gradient ascent on ``unlearn_idx``, then one
     pass of ordinary descent on ``learn_idx``, with one SGD optimizer (recipe momentum and weight
-    decay) at a constant ``lr``.  Returns the last epoch's model (no selection)."""
+    decay; ``recipe`` overrides the trainer's recipe for these) at a constant ``lr``.  Returns the
+    last epoch's model (no selection)."""
     trainer = ctx.trainer
     model = trainer.prepare(model)
     gen = torch.Generator().manual_seed(seed)
-    opt = trainer.optimizer(model, lr=lr)
+    opt = trainer.optimizer(model, recipe, lr=lr)
     bs = trainer.recipe.batch_size
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
