@@ -7,7 +7,7 @@ Training-time, no clean data, trains from scratch (``ctx.make_model()``):
    ``isolation_lr`` with the LGA loss ``sign(l - gamma) * l`` (gradient ascent once the loss
    falls below ``gamma``).  Poisoned samples are learned first; LGA holds the clean samples' loss
    near ``gamma`` while the poison's keeps falling;
-2. isolate: the ``ceil(isolation_ratio * N)`` samples with the lowest CE (eval mode, no
+2. isolate: the ``floor(isolation_ratio * N)`` samples with the lowest CE (eval mode, no
    augmentation) are the suspected poison ``D_b``; ``flagged`` = these indices;
 3. re-train the same model on ``D \\ D_b`` (crop + flip) for ``retrain_epochs`` at
    ``retrain_lr``, multiplied by ``retrain_lr_drop`` after ``retrain_milestone`` of them;
@@ -35,7 +35,6 @@ dropped lr from the same fraction (``retrain_milestone``) of a shortened schedul
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -124,9 +123,10 @@ class ABL(Defense):
         return torch.sign(loss - self.gamma) * loss
 
     def isolate(self, ctx: DefenseContext, model) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the lowest-loss ``ceil(ratio * N)`` samples, and all losses."""
+        """Indices of the lowest-loss ``floor(ratio * N)`` samples (the authors' isolate_data; at
+        least one), and all losses."""
         losses = ctx.trainer.per_sample_loss(model, ctx.train)
-        n = math.ceil(self.isolation_ratio * len(losses))
+        n = max(1, int(self.isolation_ratio * len(losses)))
         return losses.argsort()[:n].sort().values, losses
 
     def recipe(self, ctx: DefenseContext):

@@ -146,9 +146,16 @@ class DBR(Defense):
                            recipe=recipe, optimizer=opt, seed=ctx.seed + 12,
                            lr_at_epoch=lambda e: self.sd_lr_at(self.sd_epochs + e))
 
+    def tau(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One random draw of the FCT transformation per image."""
+        return random_affine(x, gen, self.rotate_degrees, self.translate,
+                             rotate="rotate" in self.transforms, shift="affine" in self.transforms)
+
     @torch.no_grad()
-    def fct(self, ctx: DefenseContext, model) -> torch.Tensor:
-        """Feature consistency towards transformations, one value per training sample."""
+    def fct(self, ctx: DefenseContext, model, transform=None) -> torch.Tensor:
+        """Feature consistency towards transformations, one value per training sample.
+
+        ``transform(x, generator)`` maps a float batch to its transformed batch; default: tau."""
         trainer = ctx.trainer
         model.eval()
         gen = torch.Generator().manual_seed(ctx.seed + 13)
@@ -160,13 +167,12 @@ class DBR(Defense):
                 g = model.features(x).float()
             acc = torch.zeros(len(x), dtype=torch.float64, device=x.device)
             for _ in range(self.fct_draws):
-                xt = random_affine(x, gen, self.rotate_degrees, self.translate,
-                                   rotate="rotate" in self.transforms, shift="affine" in self.transforms)
+                xt = self.tau(x, gen) if transform is None else transform(x, gen)
                 if trainer.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
                 with trainer._autocast():
                     gt = model.features(xt).float()
-                acc += ((g - gt) ** 2).mean(1).double()
+                acc += ((g - gt) ** 2).flatten(1).mean(1).double()
             out[i:i + len(x)] = (acc / self.fct_draws).cpu()
             trainer.eval_samples += len(x) * (1 + self.fct_draws)
         return out
