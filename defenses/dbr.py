@@ -80,8 +80,8 @@ class DBR(Defense):
     clean_ratio: float = 0.20
     #: fraction of D taken as poisoned, alpha_p (utils/args.py poison_ratio 0.05)
     poison_ratio: float = 0.05
-    #: epochs of the no-augmentation SD model (README, train_attack_noTrans.py run for 2 epochs;
-    #: BackdoorBench d-br config.yaml epochs 2)
+    #: epochs of the no-augmentation SD model (the authors' README: train_attack_noTrans.py for
+    #: 2 epochs; BackdoorBench d-br config.yaml epochs 2)
     sd_epochs: int = 2
     #: initial lr of the SD model, carried into the intra-class fine-tuning (utils/args.py lr 0.01)
     sd_lr: float = 0.01
@@ -93,7 +93,8 @@ class DBR(Defense):
     momentum: float = 0.9
     #: SGD weight decay of the SD model and of the repair (both scripts: weight_decay=5e-4)
     weight_decay: float = 5e-4
-    #: epochs of intra-class-loss fine-tuning (README: finetune_attack_noTrans.py for 10 epochs)
+    #: epochs of intra-class-loss fine-tuning (the authors' README: finetune_attack_noTrans.py,
+    #: 10 epochs)
     intra_epochs: int = 10
     #: the transforms composed into tau, in order: "rotate" and/or "affine" (translation)
     #: (utils/args.py trans1 rotate, trans2 affine)
@@ -104,7 +105,8 @@ class DBR(Defense):
     translate: float = 0.2
     #: independent tau draws averaged into delta (1 = the authors' code)
     fct_draws: int = 1
-    #: unlearn/relearn epochs from the backdoored model (README: unlearn_relearn.py, 20 epochs)
+    #: unlearn/relearn epochs from the backdoored model (the authors' README: unlearn_relearn.py,
+    #: 20 epochs)
     repair_epochs: int = 20
     #: repair learning rate, constant (unlearn_relearn.py learning_rate_unlearning: 1e-4)
     repair_lr: float = 1e-4

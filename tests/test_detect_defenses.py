@@ -96,7 +96,7 @@ def test_abl_lga_modes_differ():
 # --- DBR --------------------------------------------------------------------------------------------
 
 def test_dbr_fct_ranks_poison_higher(toy):
-    # The SD model must learn the backdoor: on 1,347 digits the spec's 2 epochs at lr 0.01 are ~40
+    # The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
     # steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a
     # 16 px digit moves clean features as much as poisoned ones (rotate+affine gives AUROC ~0.73).
     ctx, _, is_poison = toy
