@@ -194,8 +194,16 @@ class Trainer:
     def fit(self, model: nn.Module, data: ImageSet, *, indices=None, weights=None, loss_fn=None,
             epochs: int | None = None, lr: float | None = None, schedule: str | None = None,
             augment: bool = True, extra_augment: Callable | None = None, freeze_bn: bool = False,
-            on_epoch: Callable | None = None, seed: int = 0, recipe: Recipe | None = None) -> nn.Module:
-        """Train ``model`` in place on ``data[indices]`` (default: all) and return it."""
+            on_epoch: Callable | None = None, seed: int = 0, recipe: Recipe | None = None,
+            optimizer: torch.optim.Optimizer | None = None,
+            lr_at_epoch: Callable[[int], float] | None = None) -> nn.Module:
+        """Train ``model`` in place on ``data[indices]`` (default: all) and return it.
+
+        ``optimizer``: continue with this optimizer (its momentum buffers are kept) instead of a
+        new one; build it on the prepared model, e.g. ``trainer.optimizer(trainer.prepare(m))``.
+        ``lr_at_epoch``: the lr of each epoch (0-based) as an absolute value, set at the start of
+        the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
+        """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
         gen = torch.Generator().manual_seed(seed)
@@ -204,9 +212,17 @@ class Trainer:
         if len(pool) == 0 or r.epochs <= 0:
             return model
         steps = math.ceil(len(pool) / r.batch_size)
-        opt = self.optimizer(model, r)
-        sched = self.scheduler(opt, r, steps)
+        opt = optimizer if optimizer is not None else self.optimizer(model, r)
+        sched = None
+        if lr_at_epoch is None:
+            if optimizer is not None:  # the schedule scales from this call's lr, not a stale one
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] = r.lr
+            sched = self.scheduler(opt, r, steps)
         for epoch in range(r.epochs):
+            if lr_at_epoch is not None:
+                for g in opt.param_groups:
+                    g["lr"] = float(lr_at_epoch(epoch))
             model.train()
             if freeze_bn:
                 for m in model.modules():
@@ -218,7 +234,8 @@ class Trainer:
                 x, y = self.load_batch(data, idx, gen, augment, extra_augment, r)
                 w = None if w_all is None else w_all[idx.to(self.device)]
                 self.step(model, opt, self.loss(model, x, y, idx, w, loss_fn), len(idx))
-                sched.step()
+                if sched is not None:
+                    sched.step()
             if on_epoch is not None:
                 on_epoch(epoch, model)
         model.eval()

@@ -1,13 +1,6 @@
-"""Pieces shared by the detection defenses (ABL, DBR, SCAnFT, NONE).
-
-Epoch counts.  Every epoch field of these defenses defaults to the value of
-``specs/defenses.md`` and also accepts ``None``: then it is derived from the harness recipe as
-``max(1, round(fraction * recipe.epochs))``, where ``fraction`` is the spec value divided by the
-length of the training run the spec value belongs to (e.g. ABL's 20 isolation epochs out of a
-100-epoch schedule -> 0.2).  This keeps a defense's cost proportional to the undefended run
-when a CPU-scale matrix trains for 10 epochs instead of 100-200.  Each defense's docstring lists
-its fractions.
-"""
+"""Pieces shared by the detection defenses (ABL, DBR, SCAnFT, NONE): the unlearn/relearn repair
+pattern and the two-class Jenks break.  Every epoch count of these defenses is an absolute
+number (the reference implementation's value by default); none is derived from the recipe."""
 from __future__ import annotations
 
 import math
@@ -17,27 +10,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.data import ImageSet
+from bench.trainer import Recipe
 
 from .base import DefenseContext
 
 
-def epochs_or_derived(value: int | None, ctx: DefenseContext, fraction: float) -> int:
-    """``value`` if given, else ``max(1, round(fraction * recipe.epochs))``."""
-    if value is not None:
-        return int(value)
-    return max(1, round(fraction * ctx.trainer.recipe.epochs))
-
-
 def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlearn_idx: torch.Tensor,
                     learn_idx: torch.Tensor, epochs: int, lr: float, augment: bool = True,
-                    seed: int = 0, tag: str | None = None) -> nn.Module:
+                    seed: int = 0, tag: str | None = None, recipe: Recipe | None = None) -> nn.Module:
     """The D-BR repair pattern: per epoch, one pass of gradient ascent on ``unlearn_idx``, then one
     pass of ordinary descent on ``learn_idx``, with one SGD optimizer (recipe momentum and weight
-    decay) at a constant ``lr``.  Returns the last epoch's model (no selection)."""
+    decay; ``recipe`` overrides the trainer's recipe for these) at a constant ``lr``.  Returns the
+    last epoch's model (no selection)."""
     trainer = ctx.trainer
     model = trainer.prepare(model)
     gen = torch.Generator().manual_seed(seed)
-    opt = trainer.optimizer(model, lr=lr)
+    opt = trainer.optimizer(model, recipe, lr=lr)
     bs = trainer.recipe.batch_size
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)

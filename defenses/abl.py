@@ -1,32 +1,47 @@
-"""ABL: Anti-Backdoor Learning (Li et al., NeurIPS 2021), specs/defenses.md §3.
+"""ABL: Anti-Backdoor Learning (Li et al., "Anti-Backdoor Learning: Training Clean Models on
+Poisoned Data", NeurIPS 2021).
 
 Training-time, no clean data, trains from scratch (``ctx.make_model()``):
 
-1. isolation: ``isolation_epochs`` of training on D with the LGA loss ``sign(l - gamma) * l``
-   (gradient ascent once the loss falls below ``gamma``);
-2. isolate: the ``ceil(isolation_ratio * N)`` samples with the lowest CE (eval mode, no
+1. isolation: ``isolation_epochs`` of training on D **without augmentation** at a constant
+   ``isolation_lr`` with the LGA loss ``sign(l - gamma) * l`` (gradient ascent once the loss
+   falls below ``gamma``).  Poisoned samples are learned first; LGA holds the clean samples' loss
+   near ``gamma`` while the poison's keeps falling;
+2. isolate: the ``floor(isolation_ratio * N)`` samples with the lowest CE (eval mode, no
    augmentation) are the suspected poison ``D_b``; ``flagged`` = these indices;
-3. re-train the same model on ``D \\ D_b`` with the recipe's schedule and augmentation;
-4. unlearn: gradient ascent on ``D_b`` (no augmentation) at ``unlearn_lr``.
+3. re-train the same model on ``D \\ D_b`` (crop + flip) for ``retrain_epochs`` at
+   ``retrain_lr``, multiplied by ``retrain_lr_drop`` after ``retrain_milestone`` of them;
+4. unlearn: gradient ascent on ``D_b`` (no augmentation, BN in train mode) for
+   ``unlearn_epochs`` at a constant ``unlearn_lr``, **continuing the re-training optimizer**
+   (its momentum buffers), as both reference codes do.
 
-``lga="batch"`` applies the sign to the batch-mean loss (official code); ``lga="sample"`` applies it
-per example (the paper's formula).  ``lga="flooding"`` is the official config's default,
-``|l - gamma| + gamma`` on the batch mean.
+Defaults (``preset="authors"``) follow the authors' code, bboylyg/ABL (config.py,
+backdoor_isolation.py, backdoor_unlearning.py), because it is the method's own implementation:
+10 isolation epochs at lr 0.1, weight decay 1e-4, Nesterov momentum 0.9; 60 re-training epochs at
+lr 0.1 dropping to 0.01 at epoch 40; 5 configured unlearning epochs at lr 5e-4 of which the first
+only evaluates, i.e. 4 ascent passes.  ``preset="backdoorbench"`` switches to BackdoorBench's
+schedule (SCLBD/BackdoorBench, defense/abl.py and config/defense/abl/config.yaml): 20 isolation
+epochs (also the paper's turning epoch T_te = 20 and backdoor-toolbox's value) at lr 0.01,
+re-training at lr 0.01 (0.001 from epoch 40), 20 unlearning epochs at lr 1e-4.  A preset only
+replaces fields still at the authors' default; any other explicit value wins.
 
-Epoch fields accept ``None`` (see :mod:`defenses._common`): fractions of the recipe's epochs are
-0.2 (isolation), 0.6 (re-train) and 0.2 (unlearning), i.e. the spec's 20/60/20 of a 100-epoch run.
+LGA: ``lga="batch"`` applies the sign to the batch-mean loss (the authors' code, LGA branch);
+``lga="sample"`` per example (the paper's formula); ``lga="flooding"`` is ``|l - gamma| + gamma``
+on the batch mean, the authors' config default, whose gradient equals ``"batch"``'s.
+
+Deviations: the batches of the isolation phase are shuffled (the authors' isolation loader is
+not); re-training uses crop + flip without the authors' 3-pixel Cutout; re-training uses the
+dropped lr from the same fraction (``retrain_milestone``) of a shortened schedule.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from . import register_defense
-from ._common import epochs_or_derived
 from .base import Defense, DefenseContext, Outcome
 
 
@@ -35,31 +50,67 @@ from .base import Defense, DefenseContext, Outcome
 class ABL(Defense):
     """Anti-Backdoor Learning: LGA isolation of low-loss samples, re-training, unlearning."""
 
-    #: fraction of the training set isolated as suspected poison (paper p = 0.01)
+    #: "authors" (bboylyg/ABL config.py) or "backdoorbench" (SCLBD/BackdoorBench abl config.yaml);
+    #: a preset replaces only the fields still at the authors' default (see the module docstring)
+    preset: str = "authors"
+    #: fraction of the training set isolated (paper p = 0.01; bboylyg/ABL config.py isolation_ratio)
     isolation_ratio: float = 0.01
-    #: LGA loss floor gamma (paper 0.5); the flooding level for lga="flooding"
+    #: LGA loss floor gamma (paper Sec. 4, 0.5; bboylyg/ABL config.py gamma and flooding)
     gamma: float = 0.5
-    #: "batch" (sign on the batch-mean loss, official code), "sample" (per example, paper) or "flooding"
+    #: "batch" (bboylyg/ABL backdoor_isolation.py LGA branch), "sample" (paper Eq. 3) or "flooding"
+    #: (bboylyg/ABL config.py default gradient_ascent_type)
     lga: str = "batch"
-    #: isolation-phase epochs (spec 20); None = 0.2 x recipe epochs
-    isolation_epochs: int | None = 20
-    #: lr schedule of the isolation phase (official code: constant lr); lr = the recipe's lr
-    isolation_schedule: str = "constant"
-    #: re-training epochs on the non-isolated samples (spec 60); None = 0.6 x recipe epochs; 0 skips
-    retrain_epochs: int | None = 60
-    #: unlearning epochs on the isolated samples (spec 20, [BB]); None = 0.2 x recipe epochs
-    unlearn_epochs: int | None = 20
-    #: unlearning learning rate (constant)
+    #: isolation epochs (bboylyg/ABL config.py tuning_epochs 10; BackdoorBench and the paper: 20)
+    isolation_epochs: int = 10
+    #: constant lr of the isolation phase (bboylyg/ABL config.py lr 0.1; BackdoorBench: 0.01)
+    isolation_lr: float = 0.1
+    #: augmentation while isolating: none in bboylyg/ABL (data_loader.py get_backdoor_loader,
+    #: ToTensor only), BackdoorBench (defense/abl.py, train=False) and backdoor-toolbox
+    isolation_augment: bool = False
+    #: SGD weight decay of every phase (bboylyg/ABL config.py and BackdoorBench abl config: 1e-4)
+    weight_decay: float = 1e-4
+    #: re-training epochs on the non-isolated samples (bboylyg/ABL config.py finetuning_epochs
+    #: 60, BackdoorBench 60); 0 skips re-training
+    retrain_epochs: int = 60
+    #: initial re-training lr (bboylyg/ABL config.py lr_finetuning_init 0.1; BackdoorBench: 0.01)
+    retrain_lr: float = 0.1
+    #: fraction of the re-training epochs after which its lr is multiplied by 0.1 (both codes:
+    #: epoch 40 of 60, learning_rate_finetuning)
+    retrain_milestone: float = 40 / 60
+    #: factor applied to the re-training lr at the milestone (both codes: 0.1 -> 0.01, 0.01 -> 0.001)
+    retrain_lr_drop: float = 0.1
+    #: augmentation while re-training (bboylyg/ABL backdoor_unlearning.py: crop + flip (+ Cutout))
+    retrain_augment: bool = True
+    #: unlearning epochs (bboylyg/ABL: 5 configured, the first only evaluates -> 4 ascent passes;
+    #: BackdoorBench: 20)
+    unlearn_epochs: int = 4
+    #: constant unlearning lr (bboylyg/ABL config.py lr_unlearning_init 5e-4; BackdoorBench: 1e-4)
     unlearn_lr: float = 5e-4
+    #: augmentation while unlearning: none in both codes (ToTensor only)
+    unlearn_augment: bool = False
 
     LGA_MODES: ClassVar = ("batch", "sample", "flooding")
+    PRESETS: ClassVar = {
+        "authors": {},
+        "backdoorbench": {"isolation_epochs": 20, "isolation_lr": 0.01, "retrain_lr": 0.01,
+                          "unlearn_epochs": 20, "unlearn_lr": 1e-4},
+    }
+    version: ClassVar[int] = 2
     display_name = "ABL"
 
     def __post_init__(self):
+        if self.preset not in self.PRESETS:
+            raise ValueError(f"preset: '{self.preset}' is not one of {list(self.PRESETS)}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for key, value in self.PRESETS[self.preset].items():
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
         if self.lga not in self.LGA_MODES:
             raise ValueError(f"lga: '{self.lga}' is not one of {list(self.LGA_MODES)}")
         if not 0.0 < self.isolation_ratio < 1.0:
             raise ValueError(f"isolation_ratio: {self.isolation_ratio} must be in (0, 1)")
+        if self.isolation_epochs < 1 or self.retrain_epochs < 0 or self.unlearn_epochs < 0:
+            raise ValueError("isolation_epochs must be >= 1, retrain_epochs and unlearn_epochs >= 0")
 
     # --- pieces ----------------------------------------------------------------------------------
     def lga_loss(self, model, x, y, idx):
@@ -72,16 +123,20 @@ class ABL(Defense):
         return torch.sign(loss - self.gamma) * loss
 
     def isolate(self, ctx: DefenseContext, model) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the lowest-loss ``ceil(ratio * N)`` samples, and all losses."""
+        """Indices of the lowest-loss ``floor(ratio * N)`` samples (the authors' isolate_data; at
+        least one), and all losses."""
         losses = ctx.trainer.per_sample_loss(model, ctx.train)
-        n = math.ceil(self.isolation_ratio * len(losses))
+        n = max(1, int(self.isolation_ratio * len(losses)))
         return losses.argsort()[:n].sort().values, losses
 
-    def isolation_model(self, ctx: DefenseContext):
+    def recipe(self, ctx: DefenseContext):
+        return ctx.trainer.recipe.with_(weight_decay=self.weight_decay)
+
+    def isolation_model(self, ctx: DefenseContext, on_epoch=None):
         model = ctx.make_model()
-        epochs = epochs_or_derived(self.isolation_epochs, ctx, 0.2)
-        return ctx.trainer.fit(model, ctx.train, loss_fn=self.lga_loss, epochs=epochs,
-                               schedule=self.isolation_schedule, seed=ctx.seed)
+        return ctx.trainer.fit(model, ctx.train, loss_fn=self.lga_loss, epochs=self.isolation_epochs,
+                               lr=self.isolation_lr, schedule="constant", augment=self.isolation_augment,
+                               recipe=self.recipe(ctx), seed=ctx.seed, on_epoch=on_epoch)
 
     # --- the defense -----------------------------------------------------------------------------
     def run(self, ctx: DefenseContext) -> Outcome:
@@ -93,15 +148,19 @@ class ABL(Defense):
         keep[isolated] = False
         ctx.log.info("ABL isolated %d samples (loss max %.4f)", len(isolated), float(losses[isolated].max()))
 
-        retrain = epochs_or_derived(self.retrain_epochs, ctx, 0.6)
-        if retrain > 0:
-            model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), epochs=retrain, seed=ctx.seed + 1)
+        recipe = self.recipe(ctx).with_(milestones=(self.retrain_milestone,), gamma=self.retrain_lr_drop)
+        model = trainer.prepare(model)
+        opt = trainer.optimizer(model, recipe, lr=self.retrain_lr)  # carried into unlearning
+        if self.retrain_epochs > 0:
+            model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), epochs=self.retrain_epochs,
+                                lr=self.retrain_lr, schedule="step", augment=self.retrain_augment,
+                                recipe=recipe, optimizer=opt, seed=ctx.seed + 1)
             ctx.observe("retrain", model)
 
         weights = torch.full((len(data),), -1.0)
-        model = trainer.fit(model, data, indices=isolated, weights=weights, augment=False,
-                            epochs=epochs_or_derived(self.unlearn_epochs, ctx, 0.2), lr=self.unlearn_lr,
-                            schedule="constant", seed=ctx.seed + 2,
+        model = trainer.fit(model, data, indices=isolated, weights=weights, augment=self.unlearn_augment,
+                            epochs=self.unlearn_epochs, lr=self.unlearn_lr, schedule="constant",
+                            recipe=recipe, optimizer=opt, seed=ctx.seed + 2,
                             on_epoch=lambda e, m: ctx.observe(f"unlearn{e + 1}", m))
         info = {"n_isolated": len(isolated), "isolated_loss_max": float(losses[isolated].max()),
                 "loss_median": float(losses.median())}

@@ -61,7 +61,7 @@ def test_registered_names():
 # --- ABL --------------------------------------------------------------------------------------------
 
 def test_abl_isolates_the_lowest_loss_one_percent(toy):
-    # Isolation keeps the ceil(1%) lowest-loss samples.  (Whether those are poison depends on ABL's
+    # Isolation keeps the floor(1%) lowest-loss samples, as the authors' isolate_data does.  (Whether those are poison depends on ABL's
     # premise that the backdoor is learned before the clean task.  On these 16x16 digits it is not:
     # after one isolation epoch the poison's median loss is 3.4 against 1.2 for clean samples, and
     # the isolated precision varies from 0.0 to 0.8 with the seed, so no precision is asserted here.)
@@ -74,10 +74,10 @@ def test_abl_isolates_the_lowest_loss_one_percent(toy):
     n = len(is_poison)
     fake = DefenseContext(train=ctx.train, num_classes=10, make_model=ctx.make_model, trainer=KnownLosses(), seed=0)
     isolated, losses = ABL(isolation_ratio=0.01).isolate(fake, None)
-    assert torch.equal(isolated, torch.arange(n - math.ceil(0.01 * n), n))
+    assert torch.equal(isolated, torch.arange(n - int(0.01 * n), n))
     assert losses.shape == (n,)
     isolated, _ = ABL(isolation_ratio=0.1).isolate(fake, None)
-    assert len(isolated) == math.ceil(0.1 * n) and int(isolated.min()) == n - math.ceil(0.1 * n)
+    assert len(isolated) == int(0.1 * n) and int(isolated.min()) == n - int(0.1 * n)
 
 
 def test_abl_lga_modes_differ():
@@ -95,7 +95,7 @@ def test_abl_lga_modes_differ():
 # --- DBR --------------------------------------------------------------------------------------------
 
 def test_dbr_fct_ranks_poison_higher(toy):
-    # The SD model must learn the backdoor: on 1,347 digits the spec's 2 epochs at lr 0.01 are ~40
+    # The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
     # steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a
     # 16 px digit moves clean features as much as poisoned ones (rotate+affine gives AUROC ~0.73).
     ctx, _, is_poison = toy
@@ -104,7 +104,8 @@ def test_dbr_fct_ranks_poison_higher(toy):
     auroc = roc_auc_score(is_poison.numpy(), delta.numpy())
     assert auroc >= 0.8, auroc
     clean, poison = dbr.split(delta)
-    assert len(clean) == int(0.2 * len(delta)) and len(poison) == int(0.05 * len(delta))
+    # the authors' thresholds: delta <= s[floor(0.2 N)] is clean (one more than floor(0.2 N) without ties)
+    assert len(clean) == int(0.2 * len(delta)) + 1 and len(poison) == int(0.05 * len(delta))
     assert delta[poison].min() >= delta[clean].max()
 
 
