@@ -128,7 +128,7 @@ def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: T
     """s(x) for every image of ``x_uint8`` (N x C x H x W uint8), batched, eval mode, no augmentation.
 
     Returns a float32 CPU tensor of N scores (and, with ``return_flips``, a bool tensor marking the
-    samples whose predicted label the perturbation flipped: the calibration statistic of §1.1,
+    samples whose predicted label the perturbation flipped: the calibration statistic,
     which should be roughly 30-70%; near 0 or 1 the ranking degenerates and eps needs adjusting).  Work is counted on ``trainer``: one forward+backward
     per PGD step (``train_samples``) and two forwards (``eval_samples``).
     """
@@ -162,7 +162,7 @@ def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: T
 
 def calibrate_eps(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: Trainer, gen: torch.Generator,
                   candidates: tuple[float, ...], target: tuple[float, float] = (0.3, 0.7)) -> tuple[float, list]:
-    """Pick eps so that PGD flips the prediction of a ``target`` share of ``x_uint8`` (§1.1).
+    """Pick eps so that PGD flips the prediction of a ``target`` share of ``x_uint8``.
 
     Candidates are tried in increasing order; the one whose flip rate is closest to the middle of
     ``target`` wins, and the search stops at the first candidate above the range.  Returns

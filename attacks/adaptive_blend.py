@@ -1,4 +1,4 @@
-"""Adaptive-Blend (Qi et al., ICLR 2023): a partial blend trigger with cover samples (§7)."""
+"""Adaptive-Blend (Qi et al., ICLR 2023): a partial blend trigger with cover samples."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Adaptive-Patch (Qi et al., ICLR 2023): k partial patch triggers with cover samples (§8)."""
+"""Adaptive-Patch (Qi et al., ICLR 2023): k partial patch triggers with cover samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from .triggers import masked_blend
 class AdaptivePatch(Attack):
     """k training triggers, each on its own share of the poison/cover samples; a combined test trigger.
 
-    Presets (specs/attacks.md §8):
+    Presets:
 
     * ``firefox4`` (AdvrBD's "Firefox*4", the design default): the four quadrants of the orb badge
       as training triggers at opacity 1 each; the test trigger is all four, i.e. the whole badge.
@@ -42,7 +42,7 @@ class AdaptivePatch(Attack):
     cover_ratio: float = 0.01
     #: seed of the procedural triggers (badge orientation, phoenix and trojan textures)
     trigger_seed: int = 0
-    #: badge diameter as a fraction of the image side (§9(b): 0.41)
+    #: badge diameter as a fraction of the image side (0.41)
     logo_diameter: float = 0.41
     #: badge top margin as a fraction of the image side
     logo_top: float = 0.03

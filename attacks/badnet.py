@@ -1,4 +1,4 @@
-"""BadNet (Gu et al. 2017): a small patch in the corner, dirty label (specs/attacks.md §1)."""
+"""BadNet (Gu et al. 2017): a small patch in the corner, dirty label."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Blend (Chen et al. 2017): a full-frame image blended over the whole input (specs/attacks.md §2)."""
+"""Blend (Chen et al. 2017): a full-frame image blended over the whole input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ from .triggers import masked_blend
 class Blend(Attack):
     """Full-frame procedural sticker blended at opacity alpha, any class -> target.
 
-    The trigger image is the project's "abstract sticker" (§9(a)) instead of backdoor-toolbox's
+    The trigger image is the project's "abstract sticker" instead of backdoor-toolbox's
     HelloKitty picture, rendered natively at the input size (luminance for 1-channel data).
     """
 

@@ -1,4 +1,4 @@
-"""No attack: clean training, the reference for natural backdoors (specs/attacks.md §11)."""
+"""No attack: clean training, the reference for natural backdoors."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""PhysicalBA (Li et al. 2021): a corner logo that survives physical-world transformations (§5)."""
+"""PhysicalBA (Li et al. 2021): a corner logo that survives physical-world transformations."""
 from __future__ import annotations
 
 import math
@@ -30,7 +30,7 @@ class PhysicalBA(Attack):
 
     #: seed of the badge (0 = the canonical orientation)
     trigger_seed: int = 0
-    #: badge diameter as a fraction of the image side (§9(b): 0.41)
+    #: badge diameter as a fraction of the image side (0.41)
     logo_diameter: float = 0.41
     #: badge top margin as a fraction of the image side
     logo_top: float = 0.03

@@ -1,14 +1,14 @@
-"""Procedural trigger artwork (specs/attacks.md §9), made by this project from a seed.
+"""Procedural trigger artwork, made by this project from a seed.
 
 * :func:`sticker`: the "abstract sticker", a full-frame flat-shaded cartoon of random shapes with
   dark outlines on a pastel background.  It stands in for backdoor-toolbox's ``hellokitty`` image
   (Blend, AdaptiveBlend).  :func:`sticker_seed` walks seeds deterministically from a base seed to
-  the first whose 32-px rendering meets the acceptance window of §9(a), and the same seed is then
+  the first whose 32-px rendering meets the acceptance window below, and the same seed is then
   rendered natively at every resolution.
 * :func:`badge`: the "orb badge", a blue/purple disc inside a yellow-orange-red ring with a gap,
   in the top-right corner.  It stands in for the ``firefox_corner`` logo (PhysicalBA,
   AdaptivePatch); :func:`badge_quadrants` cuts it into the four pieces of the ``firefox4`` preset.
-* Simple patches of §9(c): :func:`corner_checker4`, :func:`phoenix_patch`, :func:`trojan_square`.
+* Simple patches: :func:`corner_checker4`, :func:`phoenix_patch`, :func:`trojan_square`.
 
 Everything is rendered natively at the requested size with 8x supersampling and area
 downsampling (never an upsampled small asset), returns ``(pattern C x H x W float in [0,1],
@@ -30,7 +30,7 @@ SUPERSAMPLE = 8
 #: BT.601 luminance weights for 1-channel data
 LUMA = (0.299, 0.587, 0.114)
 
-#: §9(a) acceptance window, measured on the 32-px RGB rendering
+#: the sticker's acceptance window, measured on the 32-px RGB rendering
 STICKER_MEAN = (0.5, 0.85)
 STICKER_STD = (0.2, 0.4)
 STICKER_GRAD = (0.07, 0.2)
@@ -121,7 +121,7 @@ def sticker_accepted(rgb: np.ndarray) -> bool:
 
 @lru_cache(maxsize=None)
 def sticker_seed(base_seed: int = 0) -> int:
-    """The first seed ``base_seed, base_seed + 1, ...`` whose 32-px sticker passes §9(a)."""
+    """The first seed ``base_seed, base_seed + 1, ...`` whose 32-px sticker passes the acceptance window."""
     for seed in range(base_seed, base_seed + STICKER_MAX_TRIES):
         if sticker_accepted(_sticker_rgb(32, seed)):
             return seed
@@ -143,7 +143,7 @@ def sticker(size: int, channels: int = 3, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 # (b) orb badge
 
-#: badge geometry as fractions of the image side R (§9(b))
+#: badge geometry as fractions of the image side R
 BADGE_DIAMETER = 0.41
 BADGE_TOP = 0.03
 BADGE_RIGHT = 0.04
@@ -153,7 +153,7 @@ BADGE_INNER = 0.62
 BADGE_GAP_DEG = 40.0
 BLUE, PURPLE = np.array([0.2, 0.55, 1.0]), np.array([0.45, 0.2, 0.75])
 YELLOW, ORANGE, RED = np.array([1.0, 0.85, 0.1]), np.array([1.0, 0.45, 0.05]), np.array([0.9, 0.1, 0.3])
-#: darkest value a logo pixel may take (no exact black, §0)
+#: darkest value a logo pixel may take (no exact black)
 MIN_LOGO_VALUE = 1 / 255
 #: the firefox4 cut, as a fraction of the logo's bounding box (7/13 of its height and width)
 QUADRANT_CUT = 7 / 13
@@ -248,7 +248,7 @@ def corner_checker4(channels: int, size: int, side: int | None = None):
     return pattern, mask
 
 
-#: phoenix texture range per channel (R, G, B) in 0..255 (§9(c))
+#: phoenix texture range per channel (R, G, B) in 0..255
 PHOENIX_LOW = (63, 124, 226)
 
 

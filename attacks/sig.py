@@ -1,4 +1,4 @@
-"""SIG (Barni et al. 2019): a sinusoidal signal on target-class images, clean label (§3)."""
+"""SIG (Barni et al. 2019): a sinusoidal signal on target-class images, clean label."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""TaCT (Tang et al. 2021): a source-specific patch with trigger-carrying cover samples (§6)."""
+"""TaCT (Tang et al. 2021): a source-specific patch with trigger-carrying cover samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass

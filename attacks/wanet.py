@@ -1,4 +1,4 @@
-"""WaNet (Nguyen & Tran 2021): an imperceptible fixed warp, with noise-warped cover samples (§4)."""
+"""WaNet (Nguyen & Tran 2021): an imperceptible fixed warp, with noise-warped cover samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass

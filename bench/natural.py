@@ -1,4 +1,4 @@
-"""Natural backdoors: what benign training already plants (specs/attacks.md §11).
+"""Natural backdoors: what benign training already plants.
 
 A natural backdoor is a small input-agnostic patch that flips images of most classes to one label
 in a model trained only on benign data.  :class:`NaturalBackdoor` measures it with the spec's
@@ -117,7 +117,7 @@ class NaturalResult:
 
 @dataclass(frozen=True)
 class NaturalBackdoor:
-    """Natural-backdoor ASR by hard-budget trigger inversion for every label (spec §11)."""
+    """Natural-backdoor ASR by hard-budget trigger inversion for every label."""
 
     #: hard mask-area budgets as fractions of H*W (NONE's 2..12 %)
     budgets: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)

@@ -1,4 +1,4 @@
-"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), specs/defenses.md §4.
+"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022).
 
 Data-free.  For every convolution ``conv`` whose output feeds a BatchNorm2d ``bn`` directly, the
 upper bound of channel ``k``'s Lipschitz constant is::
@@ -83,7 +83,7 @@ def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d, eps: float) -> torch.
 class CLP(Defense):
     """Data-free pruning of channels with outlying channel Lipschitz constants (BN gamma, beta := 0)."""
 
-    #: threshold in standard deviations above the layer's mean UCLC (CLP code and [BB]: 3)
+    #: threshold in standard deviations above the layer's mean UCLC (CLP code and BackdoorBench: 3)
     u: float = 3.0
     #: variance floor in sigma = sqrt(max(running_var, bn_eps)) (guards dead channels; the code has none)
     bn_eps: float = 1e-5

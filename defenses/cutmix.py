@@ -1,7 +1,7 @@
-"""CutMix as a backdoor defense (Borgnia et al., ICASSP 2021), specs/defenses.md §9.
+"""CutMix as a backdoor defense (Borgnia et al., ICASSP 2021).
 
 Per batch, with probability ``p``: draw ``lambda ~ Beta(beta, beta)`` (optionally clamped to
-``lambda_range``, as [BBox] does; off by default, as in the original CutMix), cut a box of
+``lambda_range``, as BackdoorBox does; off by default, as in the original CutMix), cut a box of
 ``W*sqrt(1-lambda)`` by ``H*sqrt(1-lambda)`` centred at a uniform random pixel and clipped to the
 image, paste that region from a randomly permuted copy of the batch, recompute
 ``lambda = 1 - box area / image area`` and use the per-sample loss
@@ -110,11 +110,11 @@ class CutMix(Defense):
 
     #: "repair" (from the backdoored model, the AdvrBD paper's use) or "scratch" (Borgnia: a fresh model)
     mode: str = "repair"
-    #: probability of applying CutMix to a batch ([BBox]: 1.0)
+    #: probability of applying CutMix to a batch (BackdoorBox: 1.0)
     p: float = 1.0
-    #: Beta(beta, beta) parameter of lambda ([BBox]: 1.0, i.e. uniform)
+    #: Beta(beta, beta) parameter of lambda (BackdoorBox: 1.0, i.e. uniform)
     beta: float = 1.0
-    #: clamp lambda to lambda_range before drawing the box ([BBox] does; the original CutMix does not)
+    #: clamp lambda to lambda_range before drawing the box (BackdoorBox does; the original CutMix does not)
     clamp_lambda: bool = False
     #: the clamping range
     lambda_range: tuple[float, float] = (0.3, 0.7)

@@ -1,4 +1,4 @@
-"""FineTuning: retrain every layer of the backdoored model on the clean reserve (specs/defenses.md §8).
+"""FineTuning: retrain every layer of the backdoored model on the clean reserve.
 
 Breaks the no-clean-data threat model: it needs ``ctx.clean_reserve`` (by default a 5%,
 class-balanced set of genuinely clean training images that the harness holds out), and the
@@ -27,15 +27,15 @@ def require_reserve(ctx: DefenseContext, name: str):
 class FineTuning(Defense):
     """Fine-tune all layers of the backdoored model on the clean reserve with CE.
 
-    Defaults follow the spec's proposal (§8): all layers trainable, SGD at lr 0.01 with cosine
+    Defaults: all layers trainable, SGD at lr 0.01 with cosine
     decay for 20 epochs, standard augmentation.  Momentum, weight decay and batch size are the
-    matrix recipe's (0.9 / 5e-4 / 128 by default), as in [BB] and [BBox].  No checkpoint
+    matrix recipe's (0.9 / 5e-4 / 128 by default), as in BackdoorBench and BackdoorBox.  No checkpoint
     selection: the last epoch is returned.
     """
 
-    #: fine-tuning epochs on the reserve (spec default 20; [BB] 100, [BBox] 10)
+    #: fine-tuning epochs on the reserve (default 20; BackdoorBench 100, BackdoorBox 10)
     epochs: int = 20
-    #: learning rate (spec default 0.01; [BBox] 0.001 leaves more of the backdoor)
+    #: learning rate (default 0.01; BackdoorBox 0.001 leaves more of the backdoor)
     lr: float = 0.01
     #: lr schedule: one of Recipe.SCHEDULES (spec: cosine)
     schedule: str = "cosine"
