@@ -186,7 +186,7 @@ def test_mutation_fuzz_only_config_errors():
         seeds=[0, 1], reserve_ratio=0.05,
         attacks=["badnet", {"name": "tact", "cover_classes": [5, 7], "sweep": {"poison_ratio": [0.01, 0.02]}},
                  {"name": "blend", "alpha": 0.2, "label": "B"}],
-        defenses=["undefended", {"name": "finetuning", "lr": 0.01}, {"name": "abl", "isolation_epochs": None}],
+        defenses=["undefended", {"name": "finetuning", "lr": 0.01}, {"name": "abl", "isolation_epochs": 2}],
         datasets=["digits", {"name": "digits", "train_limit": 500, "recipe": {"epochs": 3}}],
         evaluate=[{"name": "natural_backdoor", "budgets": [0.02, 0.06]}])
     paths = [p for p, _ in _paths(base) if p]
