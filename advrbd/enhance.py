@@ -156,7 +156,6 @@ def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cf
                 stats["guard"] = (f"acc(D_c) {acc:.3f} <= {floor:.3g} after {stats['unlearn_steps']} steps"
                                   if acc <= floor else f"CE(D_c) {ce:.3g} > {cfg.guard_loss} after "
                                                        f"{stats['unlearn_steps']} steps")
-                model.eval()
                 return stats
     model.eval()
     return stats
@@ -220,12 +219,12 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
     def show(t: int, logits: torch.Tensor):
         if obs.model is not None:
             obs.model(f"round{t}", model)
-        if obs.flags is not None and identify_rule is not None:
-            obs.flags(f"identify{t}", identify_rule(logits, data.y).nonzero().squeeze(1))
-        if identify_rule is not None:
-            flagged_y = data.y[identify_rule(logits, data.y)]
-            return torch.bincount(flagged_y, minlength=num_classes).tolist()
-        return None
+        if identify_rule is None:
+            return None
+        flagged = identify_rule(logits, data.y)
+        if obs.flags is not None:
+            obs.flags(f"identify{t}", flagged.nonzero().squeeze(1))
+        return torch.bincount(data.y[flagged], minlength=num_classes).tolist()
 
     if obs.model is not None or obs.flags is not None:
         show(0, trainer.logits(model, data.x))
