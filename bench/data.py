@@ -107,21 +107,35 @@ DATASETS: dict[str, tuple] = {}
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a matrix needs to know about a dataset before loading it."""
+    """What a matrix needs to know about a dataset before loading it, and its augmentation defaults
+    (a matrix's recipe can override both)."""
 
     description: str
     num_classes: int
     channels: int
     size: int
+    #: random horizontal flips suit the dataset (off where classes are not mirror-symmetric:
+    #: handwritten digits, and traffic signs, whose "turn left"/"turn right" classes are mirror images)
+    flip: bool = True
+    #: random-crop zero padding in px; ``None``: an eighth of the image side
+    crop_padding: int | None = None
+
+    def augmentation(self) -> dict:
+        """The recipe fields this dataset fills in when a matrix leaves them unset."""
+        from .trainer import default_crop_padding
+
+        pad = self.crop_padding if self.crop_padding is not None else default_crop_padding(self.size)
+        return {"flip": self.flip, "crop_padding": pad}
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {}
 
 
-def dataset(name: str, description: str, num_classes: int, channels: int, size: int):
+def dataset(name: str, description: str, num_classes: int, channels: int, size: int, flip: bool = True,
+            crop_padding: int | None = None):
     def deco(fn):
         DATASETS[name] = (fn, description)
-        DATASET_INFO[name] = DatasetInfo(description, num_classes, channels, size)
+        DATASET_INFO[name] = DatasetInfo(description, num_classes, channels, size, flip, crop_padding)
         return fn
 
     return deco
@@ -226,7 +240,7 @@ _NPZ_REBUILD = ("Rebuild it: write it again with numpy.savez('{npz}', x_train=..
 
 
 @dataset("digits", "scikit-learn's bundled 8x8 handwritten digits, upscaled to 16x16, 1 channel, 10 classes (offline)",
-         10, 1, DIGITS_SIZE)
+         10, 1, DIGITS_SIZE, flip=False, crop_padding=1)
 def _digits(root: Path) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -275,7 +289,8 @@ def _cifar100(root: Path) -> Dataset:
     return _torchvision_arrays("cifar100", root, CIFAR100)
 
 
-@dataset("mnist", "MNIST, 28x28 grayscale, 10 classes (torchvision layout or mnist.npz)", 10, 1, 28)
+@dataset("mnist", "MNIST, 28x28 grayscale, 10 classes (torchvision layout or mnist.npz)", 10, 1, 28,
+         flip=False)
 def _mnist(root: Path) -> Dataset:
     from torchvision.datasets import MNIST
 
@@ -327,7 +342,7 @@ def _image_folder(name: str, root: Path, size: int, train_dir: str, test_dir: st
 
 
 @dataset("gtsrb", "GTSRB traffic signs, resized to 32x32 RGB, 43 classes (ImageFolder train/ test/ or gtsrb.npz)",
-         43, 3, 32)
+         43, 3, 32, flip=False)
 def _gtsrb(root: Path) -> Dataset:
     return _image_folder("gtsrb", root, 32, "train", "test",
                          "Arrange GTSRB as <root>/gtsrb/{train,test}/<class>/<image> or provide gtsrb.npz.")

@@ -233,7 +233,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
         spec = DatasetSpec(dname, rest.get("train_limit"), rest.get("test_limit"))
-        datasets.append((spec, _recipe(base_recipe, rest.get("recipe"), f"{where}.recipe")))
+        recipe = _recipe(base_recipe, rest.get("recipe"), f"{where}.recipe")
+        # augmentation the matrix leaves unset comes from the dataset (no flips for digits or signs)
+        datasets.append((spec, recipe.filled(**DATASET_INFO[dname].augmentation())))
 
     models = _as_list(raw.get("models", ["small_cnn"]), "models")
     for i, m in enumerate(models):

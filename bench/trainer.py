@@ -49,9 +49,12 @@ class Recipe:
     #: for "step": epochs (as fractions of ``epochs``) where lr is multiplied by ``gamma``
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
-    #: zero padding of the random crop; 0 disables cropping
-    crop_padding: int = 4
-    flip: bool = True
+    #: zero padding of the random crop in px; 0 disables cropping.  ``None``: the dataset's
+    #: default (a matrix fills it in per dataset; used directly, :func:`default_crop_padding`)
+    crop_padding: int | None = None
+    #: random horizontal flips.  ``None``: the dataset's default (off for digits, MNIST and GTSRB,
+    #: whose classes are not mirror-symmetric; used directly, on)
+    flip: bool | None = None
 
     SCHEDULES = ("onecycle", "cosine", "step", "constant")
 
@@ -63,8 +66,18 @@ class Recipe:
     def with_(self, **kw) -> "Recipe":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def filled(self, **defaults) -> "Recipe":
+        """The recipe with each field that is ``None`` here taken from ``defaults``."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def default_crop_padding(size: int) -> int:
+    """Crop padding scaled with the image: an eighth of the side (4 px at 32 px, 8 at 64, 28 at 224),
+    the 4-px-at-32 convention of the CIFAR literature carried to other sizes."""
+    return max(1, size // 8)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
@@ -148,8 +161,9 @@ class Trainer:
         if extra_augment is not None and augment:
             x = (extra_augment(x.float().div(255), gen).clamp(0, 1) * 255).round().to(torch.uint8)
         if augment:
-            x = random_crop(x, r.crop_padding, gen)
-            if r.flip:
+            pad = r.crop_padding if r.crop_padding is not None else default_crop_padding(x.shape[-1])
+            x = random_crop(x, pad, gen)
+            if r.flip is None or r.flip:
                 x = random_flip(x, gen)
         return self.to_float(x), y
 

@@ -74,3 +74,34 @@ def test_entry_label_names_the_column_but_not_the_cache_key():
     assert [c.row()["defense_name"] for c in swept.cells] == ["FT(lr=0.1)", "FT(lr=0.2)"]
     with pytest.raises(ConfigError, match=r"^defenses\[0\]\.label: expected a string"):
         parse_matrix(matrix_dict(defenses=[{"name": "finetuning", "label": 3}]))
+
+
+def test_augmentation_defaults_come_from_the_dataset_unless_the_recipe_sets_them():
+    from bench.matrix import parse_matrix
+
+    raw = {"datasets": ["digits", "cifar10", "gtsrb", "tinyimagenet",
+                        {"name": "mnist", "recipe": {"flip": True, "crop_padding": 0}}],
+           "attacks": ["badnet"], "defenses": ["undefended"]}
+    got = {c.dataset.name: (c.recipe.flip, c.recipe.crop_padding) for c in parse_matrix(raw).cells}
+    # traffic signs and digits are not mirror-symmetric; the crop pads an eighth of the side
+    assert got == {"digits": (False, 1), "cifar10": (True, 4), "gtsrb": (False, 4), "tinyimagenet": (True, 8),
+                   "mnist": (True, 0)}
+    # a top-level recipe value overrides every dataset's default; a dataset's own recipe overrides both
+    raw = {**raw, "recipe": {"flip": False}}
+    assert {c.dataset.name for c in parse_matrix(raw).cells if c.recipe.flip} == {"mnist"}
+
+
+def test_trainer_flips_only_when_the_recipe_says_so():
+    import torch
+
+    from bench.data import ImageSet
+    from bench.trainer import Recipe, Trainer
+
+    x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, :, 0] = 255  # a bright left column: a flip moves it to the right
+    data = ImageSet(x, torch.zeros(64, dtype=torch.long))
+    idx = torch.arange(64)
+    for flip, expect_flipped in ((False, False), (True, True)):
+        tr = Trainer(recipe=Recipe(crop_padding=0, flip=flip))
+        xb, _ = tr.load_batch(data, idx, torch.Generator().manual_seed(0))
+        assert bool((xb[:, :, :, -1] > 0.5).any()) is expect_flipped
