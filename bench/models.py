@@ -14,6 +14,8 @@ inputs of ``LARGE_INPUT`` pixels or more use the ImageNet stem (7x7 stride 2 + m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,3 +214,33 @@ MODELS = {
 def build_model(name: str, in_channels: int, num_classes: int, mean, std, image_size: int) -> Classifier:
     fn, _ = MODELS[name]
     return fn(in_channels, num_classes, mean, std, image_size)
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """A fresh model from plain data: the architecture's name, its input statistics and a seed,
+    plus weights to load (the cached backdoored model) and where to put it.  It holds no reference
+    to a runner, a dataset or ground truth, so a defense may be handed one (see
+    :mod:`defenses.base`).  Each call seeds the initialisation and returns a new model."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+    image_size: int
+    seed: int
+    device: str = "cpu"
+    channels_last: bool = False
+    #: weights to load into each new model (CPU tensors, copied into the model, never shared)
+    state: dict | None = None
+
+    def __call__(self) -> Classifier:
+        torch.manual_seed(self.seed)
+        model = build_model(self.name, self.in_channels, self.num_classes, self.mean, self.std, self.image_size)
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model

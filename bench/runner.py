@@ -24,11 +24,12 @@ import torch
 
 from attacks import PoisonedSet, TriggeredTest
 from defenses import DefenseContext, Outcome
+from defenses.base import Observations
 
 from . import metrics
 from .data import Dataset, ImageSet, load_dataset
 from .matrix import Cell, Matrix
-from .models import build_model
+from .models import ModelFactory, build_model
 from .store import Store, atomic_write_json, digest
 from .trainer import Trainer
 
@@ -125,8 +126,12 @@ class Runner:
         return Trainer(device=torch.device(self.device), recipe=cell.recipe, **self.trainer_options)
 
     def make_model(self, cell: Cell, ds: Dataset):
-        torch.manual_seed(cell.seed)
-        return build_model(cell.model, ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
+        return self.model_factory(cell, ds)()
+
+    def model_factory(self, cell: Cell, ds: Dataset, **kw) -> ModelFactory:
+        """Plain data that builds this cell's architecture (CPU, unless ``device`` is given)."""
+        return ModelFactory(cell.model, ds.channels, ds.num_classes, tuple(ds.mean), tuple(ds.std), ds.size,
+                            cell.seed, **kw)
 
     # --- the shared backdoored model ------------------------------------------------------------
     def backdoored(self, cell: Cell):
@@ -188,32 +193,23 @@ class Runner:
                 self.store.dir("backdoor", digest(cell.backdoor_ident())) / "meta.json")
 
         trainer = self.trainer(cell)
-        observations: list[dict] = []
         eval_trainer = Trainer(device=trainer.device, recipe=cell.recipe, **self.trainer_options)
-
-        def observe(tag, model):
-            observations.append({"tag": tag, **evaluate(eval_trainer, model, ds.test, trig, ds.num_classes)})
-            log.info("%s %s: ACC %.1f ASR %.1f", cell.defense.key, tag, 100 * observations[-1]["acc"],
-                     100 * observations[-1]["asr"])
-
-        def observe_flags(tag, indices):
-            observations.append({"tag": tag, "kind": "flags", **metrics.detection(indices, poisoned.is_poison)})
-            log.info("%s %s: flagged %d, TPR %.1f FPR %.1f", cell.defense.key, tag, observations[-1]["flagged"],
-                     100 * observations[-1]["tpr"], 100 * observations[-1]["fpr"])
-
-        def observe_scores(tag, indices, scores):
-            observations.append({"tag": tag, "kind": "scores",
-                                 **metrics.score_separation(scores, poisoned.is_poison[indices])})
-
+        recorded = Observations()
+        # The context is plain data (see defenses.base): the cell's own copy of the training set, model
+        # factories without a reference to this runner, and a record of observations evaluated below.
+        backdoored = None
+        if cell.defense.needs_backdoored_model:
+            state = {k: v.detach().cpu().clone() for k, v in self.load_backdoored(cell).state_dict().items()}
+            backdoored = self.model_factory(cell, ds, device=str(trainer.device), state=state)
         ctx = DefenseContext(
-            train=ImageSet(poisoned.train.x, poisoned.train.y),  # no ground truth crosses this line
-            num_classes=ds.num_classes, make_model=lambda: trainer.prepare(self.make_model(cell, ds)),
+            train=ImageSet(poisoned.train.x.clone(), poisoned.train.y.clone()),  # no ground truth crosses this line
+            num_classes=ds.num_classes,
+            make_model=self.model_factory(cell, ds, device=str(trainer.device), channels_last=trainer.channels_last),
             trainer=trainer, seed=cell.seed,
             clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, ds.num_classes, cell.seed)
                            if cell.defense.uses_clean_data else None),
             log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
-            _backdoored=(lambda: self.load_backdoored(cell)) if cell.defense.needs_backdoored_model else None,
-            _observer=observe, _flag_observer=observe_flags, _score_observer=observe_scores)
+            _backdoored=backdoored, _observations=recorded)
         t0 = time.time()
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):
@@ -224,7 +220,8 @@ class Runner:
                "wall_time_s": wall, "numerics": numerics(self.device, trainer.bf16),
                "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
                "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
-               "info": out.info, "observations": observations, "key": digest(cell.result_ident())}
+               "info": out.info, "observations": self.evaluate_observations(cell, recorded, eval_trainer, poisoned, trig),
+               "key": digest(cell.result_ident())}
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
                                                                  "wall_time_s", "epoch_equivalents", "numerics")}
@@ -236,6 +233,24 @@ class Runner:
             log.info("%s: %s", ev.name, cell.label)
             row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()
         return self.store.save_result(self.result_path(cell), row)
+
+    def evaluate_observations(self, cell: Cell, recorded: Observations, trainer: Trainer, poisoned: PoisonedSet,
+                              trig: TriggeredTest) -> list[dict]:
+        """Evaluate what the defense observed, in order, with the ground truth it never saw."""
+        ds, out = self.dataset(cell), []
+        for kind, tag, payload in recorded.items:
+            if kind == "model":
+                out.append({"tag": tag, **evaluate(trainer, trainer.prepare(payload), ds.test, trig, ds.num_classes)})
+                log.info("%s %s: ACC %.1f ASR %.1f", cell.defense.key, tag, 100 * out[-1]["acc"], 100 * out[-1]["asr"])
+            elif kind == "flags":
+                out.append({"tag": tag, "kind": "flags", **metrics.detection(payload, poisoned.is_poison)})
+                log.info("%s %s: flagged %d, TPR %.1f FPR %.1f", cell.defense.key, tag, out[-1]["flagged"],
+                         100 * out[-1]["tpr"], 100 * out[-1]["fpr"])
+            else:
+                indices, scores = payload
+                out.append({"tag": tag, "kind": "scores",
+                            **metrics.score_separation(scores, poisoned.is_poison[indices])})
+        return out
 
     # --- a whole matrix ---------------------------------------------------------------------------
     def run(self, matrix: Matrix, progress=sys.stderr, retry_failed: bool = True) -> list[CellOutcome]:

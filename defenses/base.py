@@ -16,9 +16,24 @@ evaluates them with the ground truth it keeps to itself (ACC/ASR per round, for 
 samples (TPR/FPR/precision) and ``ctx.observe_scores(tag, indices, scores)`` for a per-sample
 score (AUROC for "lower score = poison" and the clean/poison histograms).  The defense gets
 nothing back, so it cannot select on test data or ground truth.
+
+Isolation.  The context is built from plain data, so nothing reachable from it (attributes,
+closures, a factory's fields) leads to the ground truth, the test set or the runner:
+
+* ``train`` is the cell's own copy: a defense may change it in place without touching any
+  other cell or the cache;
+* ``make_model`` and the backdoored model come from a :class:`ModelFactory` holding only the
+  architecture's name, its input statistics, a seed and (for the backdoored model) weights;
+* observations go into an :class:`Observations` record (copies of the models, indices and
+  scores) that the harness evaluates after ``run`` returns, which is why per-round ACC/ASR
+  reaches the log when the defense has finished rather than while it runs.
+
+This guards against mistakes and against looking where a defense should not, within what
+Python allows: code that searches the whole interpreter (``gc.get_objects()``) is not stopped.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -43,6 +58,25 @@ class Outcome:
 
 
 @dataclass
+class Observations:
+    """What a defense handed to the harness while it ran, in order: ``(kind, tag, payload)`` with
+    kind ``"model"`` (a CPU copy of the model), ``"flags"`` (indices) or ``"scores"`` (indices, scores).
+    Copies, so a defense that keeps training an observed model does not change the record."""
+
+    items: list = field(default_factory=list)
+
+    def model(self, tag: str, model: nn.Module) -> None:
+        self.items.append(("model", tag, copy.deepcopy(model).cpu()))
+
+    def flags(self, tag: str, indices) -> None:
+        self.items.append(("flags", tag, torch.as_tensor(indices, dtype=torch.long).detach().cpu().clone()))
+
+    def scores(self, tag: str, indices, scores) -> None:
+        self.items.append(("scores", tag, (torch.as_tensor(indices, dtype=torch.long).detach().cpu().clone(),
+                                           torch.as_tensor(scores).detach().float().cpu().clone())))
+
+
+@dataclass
 class DefenseContext:
     train: ImageSet
     num_classes: int
@@ -52,9 +86,7 @@ class DefenseContext:
     clean_reserve: ImageSet | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("bench.defense"))
     _backdoored: Callable[[], nn.Module] | None = None
-    _observer: Callable[[str, nn.Module], None] | None = None
-    _flag_observer: Callable[[str, torch.Tensor], None] | None = None
-    _score_observer: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+    _observations: Observations | None = None
 
     @property
     def device(self) -> torch.device:
@@ -72,18 +104,18 @@ class DefenseContext:
 
     def observe(self, tag: str, model: nn.Module) -> None:
         """Record ACC/ASR of an intermediate model (evaluated by the harness, not returned)."""
-        if self._observer is not None:
-            self._observer(tag, model)
+        if self._observations is not None:
+            self._observations.model(tag, model)
 
     def observe_flags(self, tag: str, indices: torch.Tensor) -> None:
         """Record detection metrics of an intermediate flagged set (evaluated by the harness)."""
-        if self._flag_observer is not None:
-            self._flag_observer(tag, torch.as_tensor(indices, dtype=torch.long))
+        if self._observations is not None:
+            self._observations.flags(tag, indices)
 
     def observe_scores(self, tag: str, indices: torch.Tensor, scores: torch.Tensor) -> None:
         """Record how well a per-sample score separates poison (low) from clean (high) samples."""
-        if self._score_observer is not None:
-            self._score_observer(tag, torch.as_tensor(indices, dtype=torch.long), torch.as_tensor(scores).float())
+        if self._observations is not None:
+            self._observations.scores(tag, indices, scores)
 
 
 @dataclass
