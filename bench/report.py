@@ -73,6 +73,8 @@ def collect(matrix: Matrix, runner: Runner) -> tuple[list[dict], list[str]]:
         if r is None:
             missing.append(cell.label)
         else:  # names from the matrix (labels include non-default parameters)
+            # results from before the harness kept one warnings list: the defense's own guards
+            r.setdefault("warnings", [str(w) for w in (r.get("info") or {}).get("warnings", [])])
             rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
                          "attack_display": cell.attack.display_name or cell.attack.key,
                          "defense_display": cell.defense.display_name or cell.defense.key})
@@ -128,30 +130,62 @@ def natural_table(cells) -> Table | None:
                  "mean ± std over seeds")
 
 
+#: an attack whose undefended model's ASR (mean over seeds) is below this did not implant a
+#: backdoor: its row is marked and left out of the averages (a defense cannot remove what is not there)
+IMPLANT_ASR = 0.5
+#: marks a table entry whose cell recorded a warning (listed in the Warnings table)
+WARN_MARK = "†"
+
+
+def undefended_asr(cells, attack: str) -> float | None:
+    """The attack's undefended ASR: the undefended cells', else the backdoored model's that repair
+    defenses started from; ``None`` when neither was run."""
+    asr = [r["asr"] for (a, d), rs in cells.items() if a == attack for r in rs if r.get("defense") == "undefended"]
+    if not asr:
+        asr = [r["backdoor"]["asr"] for (a, d), rs in cells.items() if a == attack for r in rs
+               if (r.get("backdoor") or {}).get("asr") is not None]
+    return mean(asr) if asr else None
+
+
+def not_implanted(cells, attacks) -> list[str]:
+    return [a for a in attacks if (u := undefended_asr(cells, a)) is not None and u < IMPLANT_ASR]
+
+
+def _marked(rs, text: str) -> str:
+    return f"{text} {WARN_MARK}" if any(r.get("warnings") for r in rs) else text
+
+
 def build_sections(rows: list[dict]) -> list[Section]:
     paper = paper_numbers()
     sections = []
     for (dataset, model), cells in group(rows).items():
         attacks = list(dict.fromkeys(a for a, _ in cells))
         defenses = list(dict.fromkeys(d for _, d in cells))
+        missed = not_implanted(cells, attacks)
         tables = []
 
         body = []
         for a in attacks:
-            line = [a]
+            line = [f"{a} (did not implant)" if a in missed else a]
             for d in defenses:
                 rs = cells.get((a, d), [])
-                line += [pct(r["acc"] for r in rs), pct(r["asr"] for r in rs)]
+                line += [_marked(rs, pct(r["acc"] for r in rs)), pct(r["asr"] for r in rs)]
             body.append(line)
         avg = ["Average"]
-        for d in defenses:  # mean over attacks of the per-attack seed means
-            accs = [mean(_vals(r["acc"] for r in cells[(a, d)])) for a in attacks if _vals(r["acc"] for r in cells.get((a, d), []))]
-            asrs = [mean(_vals(r["asr"] for r in cells[(a, d)])) for a in attacks if _vals(r["asr"] for r in cells.get((a, d), []))]
+        counted = [a for a in attacks if a not in missed]
+        for d in defenses:  # mean over implanted attacks of the per-attack seed means
+            accs = [mean(_vals(r["acc"] for r in cells[(a, d)])) for a in counted if _vals(r["acc"] for r in cells.get((a, d), []))]
+            asrs = [mean(_vals(r["asr"] for r in cells[(a, d)])) for a in counted if _vals(r["asr"] for r in cells.get((a, d), []))]
             avg += [pct([mean(accs)]) if accs else "–", pct([mean(asrs)]) if asrs else "–"]
         body.append(avg)
         header = ["Attack"] + [f"{d} {m}" for d in defenses for m in ("ACC", "ASR")]
-        tables.append(Table(f"ACC / ASR (%) on {dataset}, {model}", header, body,
-                            "mean ± std over seeds where there are several", {len(body) - 1}))
+        note = "mean ± std over seeds where there are several"
+        if missed:
+            note += (f"; did not implant: undefended ASR below {100 * IMPLANT_ASR:.0f} % ({', '.join(missed)}), "
+                     f"left out of the average")
+        if any(r.get("warnings") for rs in cells.values() for r in rs):
+            note += f"; {WARN_MARK}: the cell recorded a warning (see the Warnings table)"
+        tables.append(Table(f"ACC / ASR (%) on {dataset}, {model}", header, body, note, {len(body) - 1}))
 
         per_class = []
         for (a, d), rs in cells.items():
@@ -198,6 +232,14 @@ def build_sections(rows: list[dict]) -> list[Section]:
         if det:
             tables.append(Table("Detection of poisoned training samples (%)",
                                 ["Attack", "Defense", "TPR", "FPR", "precision"], det))
+
+        warned = [[a, d, str(r.get("seed", "")), w] for (a, d), rs in cells.items() for r in rs
+                  for w in r.get("warnings") or []]
+        if warned:
+            tables.append(Table("Warnings: cells whose numbers need a second look", ["Attack", "Defense", "seed",
+                                                                                    "warning"], warned,
+                                "recorded by the defense's own guards, or by the harness when a returned model is "
+                                "at chance on the training data"))
 
         nat = natural_table(cells)
         if nat is not None:

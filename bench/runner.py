@@ -35,6 +35,13 @@ from .trainer import Trainer
 
 log = logging.getLogger("bench")
 
+#: a model is "at chance" when its accuracy on the training set (the labels a defender sees) is
+#: below this multiple of the share of the most frequent label, i.e. of what predicting one class
+#: scores: such a model learned nothing or collapsed, and its ACC/ASR say nothing about the defense
+CHANCE_FACTOR = 1.5
+#: training samples the chance guard predicts (a seeded random subset; all of them when fewer)
+CHANCE_PROBE = 10_000
+
 
 def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: int) -> ImageSet:
     """A class-balanced set of genuinely clean training images, ``int(ratio * N)`` in all.
@@ -70,6 +77,21 @@ def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest, num_c
             "recall": recall,
             "asr": metrics.attack_success_rate(pred_t, trig.counts, trig.target),
             "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
+
+
+def chance_guard(trainer: Trainer, models: dict, train: ImageSet, seed: int) -> tuple[dict, list[str]]:
+    """Training accuracy of each returned model on a probe of the training set, and a warning for
+    each model at chance (see :data:`CHANCE_FACTOR`)."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:CHANCE_PROBE]
+    probe = train.subset(idx.sort().values)
+    majority = float(torch.bincount(probe.y).max()) / len(probe)
+    accs, warnings = {}, []
+    for name, model in models.items():
+        accs[name] = trainer.accuracy(model, probe)
+        if accs[name] < CHANCE_FACTOR * majority:
+            warnings.append(f"at chance: the {name} model's training accuracy is {100 * accs[name]:.1f}% "
+                            f"(predicting the most frequent label scores {100 * majority:.1f}%)")
+    return accs, warnings
 
 
 def numerics(device, bf16: bool) -> dict:
@@ -225,6 +247,13 @@ class Runner:
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
                                                                  "wall_time_s", "epoch_equivalents", "numerics")}
+        train_acc, chance = chance_guard(eval_trainer, {"defended": out.model, **out.extra_models}, poisoned.train,
+                                         cell.seed)
+        row["train_acc"] = train_acc
+        # one list of everything a reader should know about this number: the defense's own guards and ours
+        row["warnings"] = [str(w) for w in (out.info or {}).get("warnings", [])] + chance
+        for w in chance:
+            log.warning("%s: %s", cell.label, w)
         if out.flagged is not None:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
