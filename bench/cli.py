@@ -36,7 +36,7 @@ def _setup(args):
     from .runner import Runner
     from .store import Store
 
-    matrix = load_matrix(_matrix_path(args.matrix))
+    matrix = load_matrix(_matrix_path(args.matrix), getattr(args, "set", None))
     out = Path(args.output or matrix.output)
     runner = Runner(Store(out), device=_device(args.device), data_root=args.data_root)
     return matrix, runner
@@ -149,6 +149,44 @@ def cmd_list(args) -> int:
     return 0
 
 
+def show_text(name: str) -> str:
+    """Every field of an attack or defense: type, default, range and its ``#:`` doc line."""
+    import dataclasses
+    import typing
+
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+
+    from .registry import closest, field_docs, range_of
+
+    registries = {"attack": ATTACKS, "defense": DEFENSES}
+    found = [(kind, reg.get(name, kind)) for kind, reg in registries.items() if name in reg.names()]
+    if not found:
+        names = [n for reg in registries.values() for n in reg.names()]
+        raise ConfigError(f"show: no attack or defense named '{name}'{closest(name, names)}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    out = []
+    for kind, cls in found:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        out.append(f"{kind} {name}: {describe(cls)}")
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            typ = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name, "")).replace("typing.", "")
+            rng = range_of(f)
+            out.append(f"  {f.name}: {typ} = {default!r}" + (f"  (allowed: {rng.text()})" if rng is not None else ""))
+            if docs.get(f.name):
+                out.append(f"      {docs[f.name]}")
+    return "\n".join(out)
+
+
+def cmd_show(args) -> int:
+    print(show_text(args.name))
+    return 0
+
+
 def cmd_gallery(args) -> int:
     from .gallery import render_gallery
 
@@ -173,6 +211,9 @@ def main(argv=None) -> int:
                         help="render a table whose results were computed with different device, dtype, thread "
                              "count or torch version (refused by default: such numbers are not comparable bit "
                              "for bit)")
+        sp.add_argument("--set", action="append", metavar="PATH=VALUE",
+                        help="override a matrix field, validated as the YAML is: --set recipe.epochs=5 "
+                             "--set defenses[1].lr=0.01 --set 'attacks=[badnet, blend]' (VALUE is YAML)")
 
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)
@@ -198,6 +239,9 @@ def main(argv=None) -> int:
     g.add_argument("--examples", type=int, default=3, help="clean/triggered pairs per attack")
     g.set_defaults(fn=cmd_gallery)
     sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
+    sh = sub.add_parser("show", help="every parameter of one attack or defense: type, default, range, meaning")
+    sh.add_argument("name", help="an attack or defense name, as `list` prints it")
+    sh.set_defaults(fn=cmd_show)
 
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume

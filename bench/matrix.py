@@ -344,7 +344,63 @@ def parse_yaml(text: str, path="matrix"):
         raise ConfigError(f"matrix: '{path}' is nested too deeply") from None
 
 
-def load_matrix(path: str | Path) -> Matrix:
+_STEP = re.compile(r"([A-Za-z_]\w*)((?:\[\d+\])*)")
+
+
+def _set_path(path: str) -> list:
+    """``defenses[1].lr`` -> ``["defenses", 1, "lr"]``; a malformed path is a :class:`ConfigError`."""
+    steps: list = []
+    for part in path.split("."):
+        m = _STEP.fullmatch(part)
+        if not m:
+            raise ConfigError(f"--set {path}: '{part}' is not a field name or name[index] "
+                              f"(e.g. recipe.epochs=5, defenses[1].lr=0.01)")
+        steps.append(m.group(1))
+        steps += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
+    return steps
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set PATH=VALUE`` overrides to a matrix's parsed YAML.  ``VALUE`` is read as YAML
+    (``5``, ``1e-4``, ``[0, 1]``, ``{epochs: 5}``).  An entry written as a bare name
+    (``defenses: [abl]``) becomes ``{name: abl, ...}`` when one of its parameters is set.  The
+    result goes through the same validation as the file, so a bad field or value gets the same
+    message."""
+    import copy
+
+    raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--set {item}: expected PATH=VALUE, e.g. recipe.epochs=5")
+        value = parse_yaml(text, f"--set {path}")
+        steps = _set_path(path)
+        node, where = raw, ""
+        for i, step in enumerate(steps):
+            last = i == len(steps) - 1
+            if isinstance(step, int):
+                if not isinstance(node, list) or not -len(node) <= step < len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    raise ConfigError(f"--set {path}: {where} has {size} entries; no index {step}")
+                if last:
+                    node[step] = value
+                    break
+                if isinstance(node[step], str):  # a bare name: give it parameters
+                    node[step] = {"name": node[step]}
+                node, where = node[step], f"{where}[{step}]"
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {where or 'the matrix'} is not a mapping")
+            if last:
+                node[step] = value
+                break
+            if node.get(step) is None:
+                node[step] = {}
+            node, where = node[step], f"{where}.{step}" if where else step
+    return raw
+
+
+def load_matrix(path: str | Path, overrides: list[str] | None = None) -> Matrix:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"matrix: file '{path}' does not exist")
@@ -354,4 +410,4 @@ def load_matrix(path: str | Path) -> Matrix:
         raise ConfigError(f"matrix: '{path}' is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"matrix: cannot read '{path}' ({e.strerror or e})") from None
-    return parse_matrix(parse_yaml(text, path), path.stem)
+    return parse_matrix(apply_overrides(parse_yaml(text, path), overrides or []), path.stem)
