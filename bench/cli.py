@@ -127,7 +127,8 @@ def cmd_report(args) -> int:
         print(f"warning: {conflict}", file=sys.stderr)
     md, missing = write_report(matrix, runner, _report_dir(args, matrix))
     print(md.read_text())
-    print(f"written: {md.parent}/tables.md, tables.csv, results.csv", file=sys.stderr)
+    print(f"written: {md.parent}/tables.md, tables.tex, tables.csv, results.csv, results.jsonl, report.html",
+          file=sys.stderr)
     return 0
 
 

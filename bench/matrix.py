@@ -103,7 +103,8 @@ class Cell:
 
     def row(self) -> dict[str, Any]:
         """The cell's parameters, flattened for the results table."""
-        return {"dataset": self.dataset.name, "train_limit": self.dataset.train_limit, "model": self.model,
+        return {"dataset": self.dataset.name, "train_limit": self.dataset.train_limit,
+                "test_limit": self.dataset.test_limit, "model": self.model,
                 "attack": self.attack.key, "defense": self.defense.key, "seed": self.seed,
                 "attack_params": params_of(self.attack), "defense_params": params_of(self.defense),
                 "recipe": self.recipe.as_dict(),

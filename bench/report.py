@@ -8,7 +8,8 @@ flag samples, and a cost table (wall time, epoch-equivalents, clean data used).
 
 Every table is built once as a :class:`Table` and rendered to Markdown (``tables.md``), LaTeX
 (``tables.tex``), CSV (``tables.csv``, long format) and one self-contained HTML page
-(``report.html``, figures embedded).  ``results.csv`` has one row per cell.
+(``report.html``, figures embedded).  ``results.csv`` / ``results.jsonl`` (and ``results.parquet``
+with pyarrow) have one row per cell, every parameter a column (see :mod:`bench.results`).
 """
 from __future__ import annotations
 
@@ -43,12 +44,18 @@ def _vals(values) -> list[float]:
 
 
 def pct(values) -> str:
-    """Mean (± std over seeds) in percent."""
-    values = _vals(values)
-    if not values:
+    """Mean in percent; over several seeds, ± the half-width of the 95 % t-interval and the seed count."""
+    from .stats import mean_ci
+
+    ci = mean_ci(_vals(values))
+    if ci is None:
         return "–"
-    m = 100 * mean(values)
-    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f}±{100 * stdev(values):.1f}"
+    if ci.half_width is None:
+        return f"{100 * ci.mean:.1f}"
+    return f"{100 * ci.mean:.1f}±{100 * ci.half_width:.1f} (n={ci.n})"
+
+
+SEEDS_NOTE = "mean over seeds; with several, ± the half-width of the 95 % t-interval and (n=seeds)"
 
 
 @dataclass
@@ -179,7 +186,7 @@ def build_sections(rows: list[dict]) -> list[Section]:
             avg += [pct([mean(accs)]) if accs else "–", pct([mean(asrs)]) if asrs else "–"]
         body.append(avg)
         header = ["Attack"] + [f"{d} {m}" for d in defenses for m in ("ACC", "ASR")]
-        note = "mean ± std over seeds where there are several"
+        note = SEEDS_NOTE
         if missed:
             note += (f"; did not implant: undefended ASR below {100 * IMPLANT_ASR:.0f} % ({', '.join(missed)}), "
                      f"left out of the average")
@@ -245,6 +252,10 @@ def build_sections(rows: list[dict]) -> list[Section]:
         if nat is not None:
             tables.append(nat)
 
+        paired = paired_table(cells, attacks, defenses)
+        if paired is not None:
+            tables.append(paired)
+
         by_def = defaultdict(list)
         for (a, d), rs in cells.items():
             by_def[d] += rs
@@ -255,6 +266,48 @@ def build_sections(rows: list[dict]) -> list[Section]:
                             "the backdoored model's training is shared and not included"))
         sections.append(Section(f"{dataset} / {model}", tables))
     return sections
+
+
+def _paired_text(p) -> str:
+    if p is None:
+        return "–"
+    d = f"{100 * p.diff:+.1f}"
+    if p.p is None:
+        return f"{d} (one seed: cannot tell)" if p.n == 1 else f"{d} (no spread: no test)"
+    return f"{d} (p={p.p:.3f}){'*' if p.significant else ''}"
+
+
+def paired_table(cells, attacks, defenses) -> Table | None:
+    """Each defense against the undefended model and against AdvrBD on the same seeds (paired t-test)."""
+    from .stats import ALPHA, paired_test
+
+    def by_seed(a, d, metric):
+        return {r.get("seed"): r.get(metric) for r in cells.get((a, d), [])}
+
+    keys = {d: next(r.get("defense") for (a2, d2), rs in cells.items() if d2 == d for r in rs) for d in defenses}
+    base = next((d for d in defenses if keys[d] == "undefended"), None)
+    advrbd = next((d for d in defenses if keys[d] == "advrbd"), None)
+    if base is None and advrbd is None:
+        return None
+    body = []
+    for a in attacks:
+        for d in defenses:
+            if d == base or (a, d) not in cells:
+                continue
+            line = [a, d, str(len(cells[(a, d)]))]
+            for ref in (base, advrbd):
+                for metric in ("asr", "acc"):
+                    ok = ref is not None and ref != d and (a, ref) in cells
+                    line.append(_paired_text(paired_test(by_seed(a, d, metric), by_seed(a, ref, metric)))
+                                if ok else "–")
+            body.append(line)
+    if not body:
+        return None
+    return Table("Paired differences over seeds (percentage points): each defense minus the reference",
+                 ["Attack", "Defense", "seeds", "ΔASR vs undefended", "ΔACC vs undefended", "ΔASR vs AdvrBD",
+                  "ΔACC vs AdvrBD"], body,
+                 f"paired t-test over the seeds both were run with (same poisoned sets), two-sided; * p < {ALPHA:g}; "
+                 f"with one seed a difference is a single draw and no test can say whether it would repeat")
 
 
 # --- renderers --------------------------------------------------------------------------------
@@ -332,19 +385,23 @@ def to_html(title: str, intro: str, sections: list[Section], figures: list[tuple
     return "\n".join(out)
 
 
-FLAT = ["dataset", "model", "attack", "attack_name", "defense", "defense_name", "seed", "acc", "acc_nontarget",
-        "target_recall", "asr", "ra",
-        "clean_data", "wall_time_s", "epoch_equivalents", "n_train", "n_poison", "n_cover", "tpr", "fpr",
-        "precision", "key"]
+def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
+    """``results.csv`` and ``results.jsonl`` (and ``results.parquet`` when pyarrow is installed): the
+    DataFrame of :func:`bench.results.load`, one row per cell."""
+    from .results import frame
 
+    df = frame(rows)
+    paths = [out_dir / "results.csv", out_dir / "results.jsonl"]
+    df.to_csv(paths[0], index=False)
+    df.to_json(paths[1], orient="records", lines=True)
+    try:
+        import pyarrow  # noqa: F401
 
-def flat_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        f = {k: r.get(k) for k in FLAT}
-        f.update({k: r.get("detection", {}).get(k) for k in ("tpr", "fpr", "precision")})
-        out.append(f)
-    return out
+        df.to_parquet(out_dir / "results.parquet", index=False)
+        paths.append(out_dir / "results.parquet")
+    except ImportError:
+        pass
+    return paths
 
 
 def gallery_attacks(matrix: Matrix, dataset: str) -> list:
@@ -398,10 +455,7 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
                 (" ..." if len(missing) > 10 else "") + "\n")
     (out_dir / "tables.md").write_text(f"# Results: {matrix.name}\n\n{INTRO}\n\n" + to_markdown(sections) + tail)
     (out_dir / "tables.tex").write_text(to_latex(sections))
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FLAT)
-        w.writeheader()
-        w.writerows(flat_rows(rows))
+    write_results(rows, out_dir)
     with open(out_dir / "tables.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "model", "attack", "defense", "acc_mean", "acc_std", "asr_mean", "asr_std", "seeds"])

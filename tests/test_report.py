@@ -25,12 +25,12 @@ def test_tables_average_seeds_and_attacks_and_show_the_paper():
     [section] = build_sections(rows)
     main = section.tables[0]
     assert main.header == ["Attack", "No Defense ACC", "No Defense ASR", "ABL ACC", "ABL ASR"]
-    assert main.rows[0][:3] == ["BadNet", "85.0±7.1", "90.0±7.1"]
+    assert main.rows[0][:3] == ["BadNet", "85.0±63.5 (n=2)", "90.0±63.5 (n=2)"]
     assert main.rows[-1][:3] == ["Average", "77.5", "70.0"]  # mean of per-attack means
     assert main.rows[1][3:] == ["–", "–"]  # Blend has no ABL cell
     cmp = next(t for t in section.tables if "paper" in t.caption)
     pa, ps = paper_numbers()[("cifar10", "BadNet", "No Defense")]
-    assert ["BadNet", "No Defense", "85.0±7.1", "–", f"{pa:.1f}", "90.0±7.1", f"{ps:.1f}"] in cmp.rows
+    assert ["BadNet", "No Defense", "85.0±63.5 (n=2)", "–", f"{pa:.1f}", "90.0±63.5 (n=2)", f"{ps:.1f}"] in cmp.rows
     det = next(t for t in section.tables if "Detection" in t.caption)
     assert det.rows == [["BadNet", "ABL", "50.0", "10.0", "80.0"]]
 

@@ -1,0 +1,119 @@
+"""Results as a pandas DataFrame: one row per finished cell, every parameter a column.
+
+    from bench.results import load
+    df = load("matrices/quick.yaml")               # the matrix's cells, from its store
+    df = load("runs")                              # every verified result in a store
+    df.pivot_table(index="attack_name", columns="defense_name", values=["acc", "asr"])
+
+Columns (``NaN`` where a cell has no such value):
+
+* identity: ``dataset, train_limit, test_limit, model, attack, attack_name, defense, defense_name,
+  seed, key`` (``*_name`` are the matrix's labels; ``key`` names the result file);
+* parameters: ``attack.<field>``, ``defense.<field>``, ``recipe.<field>`` (lists as JSON text);
+* metrics of the defended model: ``acc, acc_nontarget, target_recall, asr, ra`` (fractions, not %),
+  ``train_acc`` (the chance guard's probe);
+* the undefended model on the same poisoned set: ``undefended.acc, undefended.acc_nontarget,
+  undefended.asr, undefended.ra`` (from the backdoored model a repair defense started from, or the
+  matrix's undefended cell);
+* detection: ``tpr, fpr, precision, flagged``; further models: ``<name>.acc, <name>.asr`` (e.g. ``relearn``);
+* natural backdoors: ``natural.asr@<budget>`` and ``natural.anomaly``;
+* cost and setting: ``wall_time_s, epoch_equivalents, clean_data, n_train, n_poison, n_cover``,
+  ``numerics.device, numerics.dtype, numerics.threads, numerics.torch``;
+* ``warnings``: the cell's warnings joined by "; " (empty when none).
+
+The report's ``results.csv``, ``results.jsonl`` and (with pyarrow) ``results.parquet`` are this frame.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = ("acc", "acc_nontarget", "target_recall", "asr", "ra")
+#: the columns that identify a poisoned set and its training: an undefended cell matching on all
+#: of them is the baseline of a defended one
+POISON_COLUMNS = ("dataset", "train_limit", "test_limit", "model", "attack", "seed")
+
+
+def _scalar(v):
+    """Parameters as column values: lists and mappings as JSON text (one type per column)."""
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, sort_keys=True)
+    return v
+
+
+def flatten(row: dict) -> dict:
+    """One result (as stored, plus the matrix's labels) as one flat record."""
+    out = {k: row.get(k) for k in ("dataset", "train_limit", "model", "attack", "attack_name", "defense",
+                                   "defense_name", "seed", "key")}
+    out["test_limit"] = row.get("test_limit")
+    for group in ("attack", "defense"):
+        for k, v in (row.get(f"{group}_params") or {}).items():
+            out[f"{group}.{k}"] = _scalar(v)
+    for k, v in (row.get("recipe") or {}).items():
+        out[f"recipe.{k}"] = _scalar(v)
+    for k in METRICS:
+        out[k] = row.get(k)
+    out["train_acc"] = (row.get("train_acc") or {}).get("defended")
+    for k in METRICS:
+        out[f"undefended.{k}"] = (row.get("backdoor") or {}).get(k)
+    for k in ("tpr", "fpr", "precision", "flagged"):
+        out[k] = (row.get("detection") or {}).get(k)
+    for name, ev in (row.get("extra") or {}).items():
+        for k in ("acc", "acc_nontarget", "asr"):
+            out[f"{name}.{k}"] = ev.get(k)
+    nat = row.get("natural_backdoor") or {}
+    for b, asr in zip(nat.get("budgets", []), nat.get("asr_max", [])):
+        out[f"natural.asr@{b:g}"] = asr
+    if nat:
+        out["natural.anomaly"] = nat.get("anomaly_max")
+    for k in ("wall_time_s", "epoch_equivalents", "clean_data", "n_train", "n_poison", "n_cover"):
+        out[k] = row.get(k)
+    for k, v in (row.get("numerics") or {}).items():
+        out[f"numerics.{k}"] = v
+    out["warnings"] = "; ".join(str(w) for w in row.get("warnings") or (row.get("info") or {}).get("warnings", []))
+    return out
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """The DataFrame of stored results; fills ``undefended.*`` from the matching undefended cell
+    where the defense did not start from the backdoored model."""
+    df = pd.DataFrame([flatten(r) for r in rows])
+    if df.empty:
+        return df
+    attack_params = sorted(c for c in df.columns if c.startswith(("attack.", "recipe.")))
+    match = [c for c in (*POISON_COLUMNS, *attack_params) if c in df.columns]
+    base = df[df["defense"] == "undefended"]
+    if len(base):
+        keyed = base[match + list(METRICS)].astype({c: str for c in match}).drop_duplicates(match)
+        keyed = keyed.rename(columns={k: f"_u.{k}" for k in METRICS})
+        merged = df.astype({c: str for c in match})[match].merge(keyed, on=match, how="left")
+        for k in METRICS:
+            df[f"undefended.{k}"] = df[f"undefended.{k}"].fillna(merged[f"_u.{k}"]).infer_objects()
+    return df
+
+
+def load(source, output: str | Path | None = None) -> pd.DataFrame:
+    """Results as a DataFrame.  ``source``: a matrix (a YAML path or a :class:`~bench.matrix.Matrix`),
+    whose cells are read from ``output`` (default: the matrix's own), or a store folder, every
+    verified result of which is read (corrupt or edited files are named in the log and skipped)."""
+    from .matrix import Matrix, load_matrix
+    from .runner import Runner
+    from .store import Store
+
+    if isinstance(source, Matrix) or (isinstance(source, (str, Path)) and Path(source).suffix in (".yaml", ".yml")):
+        matrix = source if isinstance(source, Matrix) else load_matrix(source)
+        from .report import collect
+
+        rows, _ = collect(matrix, Runner(Store(Path(output or matrix.output))))
+        return frame(rows)
+    store = Store(Path(source))
+    rows = []
+    for path in sorted((store.root / "results").glob("*.json")):
+        row, problem = store.load_result(path, path.stem)
+        if problem:
+            store.report_bad(path, problem)
+        elif row is not None:
+            rows.append(row)
+    return frame(rows)
