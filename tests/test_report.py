@@ -57,3 +57,37 @@ def test_renderers_carry_the_same_numbers():
         assert "90.0" in text and "95.0" in text
     assert "\\begin{tabular}" in tex and "\\%" in tex
     assert page.startswith("<!doctype html>") and "<table>" in page
+
+
+def _latex_rows(rows_per_attack=2, defenses=12):
+    names = ["undefended"] + [f"D{i}" for i in range(defenses - 1)]
+    return [_row(a, d, 0.9 - 0.01 * i, 0.5 - 0.03 * i, seed=s) for a in ["BadNet", "Blend"][:rows_per_attack]
+            for i, d in enumerate(names) for s in (0, 1)]
+
+
+def test_latex_has_booktabs_two_level_headers_labels_bold_best_and_fits_the_width():
+    import re
+    import shutil
+    import subprocess
+
+    tex = to_latex(build_sections(_latex_rows()))
+    assert tex.count("\\begin{table}") == tex.count("\\end{table}") > 0
+    assert tex.count("\\begin{tabular}") == tex.count("\\end{tabular}")
+    labels = re.findall(r"\\label\{([^}]+)\}", tex)
+    assert len(labels) == tex.count("\\begin{table}") == len(set(labels))
+    main = tex.split("\\end{table}")[0]
+    assert "\\multicolumn{2}{c}{undefended}" in main and "\\cmidrule(lr){2-3}" in main
+    assert "\\resizebox{\\textwidth}{!}{%" in main  # 25 columns
+    assert "Attack & ACC & ASR & ACC & ASR" in main
+    # every row has as many cells as the header
+    for line in main.splitlines():
+        if line.startswith(("BadNet", "Blend", "Average")):
+            assert line.count(" & ") == 24
+    # the best (lowest) defended ASR is bold: D10's (17.0), the last column
+    assert re.search(r"\\textbf\{17\.0\$\\pm\$0\.0 \(n=2\)\} \\\\$", main.splitlines()[[
+        i for i, l in enumerate(main.splitlines()) if l.startswith("BadNet")][0]])
+    if shutil.which("pdflatex"):
+        doc = "\\documentclass{article}\\usepackage{booktabs,graphicx}\\begin{document}" + tex + "\\end{document}"
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-output-directory", "/tmp"],
+                           input=doc, text=True, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:]
