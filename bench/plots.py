@@ -1,4 +1,7 @@
-"""Figures for the report (matplotlib, Agg backend; PNG files).
+"""Figures for the report (matplotlib, Agg backend; each as PNG for the HTML page and PDF for a paper).
+
+Entries are told apart by colour *and* marker (:func:`style`), so any number of defenses stays
+distinct; legends sit outside the axes; sweep plots carry 95 % t-interval error bars over seeds.
 
 Each figure is drawn only when the results hold what it needs:
 
@@ -27,13 +30,38 @@ FIGSIZE = (5.0, 3.6)
 DPI = 110
 
 
+#: marker shapes, cycled with the colours so that (colour, marker) pairs stay unique
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def style(i: int, n: int) -> dict:
+    """Colour and marker of entry ``i`` of ``n``: tab10 for up to 10 entries; beyond, tab20 with its
+    dark shades before its light ones; the marker changes with each colour so no two entries match."""
+    if n <= 10:
+        color = plt.get_cmap("tab10")(i % 10)
+    else:
+        j = i % 20
+        color = plt.get_cmap("tab20")(2 * j if j < 10 else 2 * (j - 10) + 1)
+    # entries 20 apart share a colour; shifting the marker by one per cycle keeps the pairs unique
+    return {"color": color, "marker": MARKERS[(i + i // 20) % len(MARKERS)]}
+
+
+def _legend(ax, **kw) -> None:
+    """The legend to the right of the axes, off the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=kw.pop("fontsize", 7),
+                  **kw)
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")
 
 
 def _save(fig, path: Path) -> Path:
+    """Write ``path`` (PNG) and the same figure as PDF beside it; return the PNG's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -49,12 +77,13 @@ def scatter(rows, out: Path) -> list[tuple[str, Path]]:
         by[(r["dataset"], r["model"])][r["defense_name"]].append(r)
     for (dataset, model), defs in by.items():
         fig, ax = plt.subplots(figsize=FIGSIZE)
-        for d, rs in defs.items():
-            ax.scatter([100 * r["asr"] for r in rs], [100 * r["acc"] for r in rs], label=d, alpha=0.8)
+        for i, (d, rs) in enumerate(defs.items()):
+            ax.scatter([100 * r["asr"] for r in rs], [100 * r["acc"] for r in rs], label=d, alpha=0.85,
+                       **style(i, len(defs)))
         ax.set_xlabel("ASR (%)")
         ax.set_ylabel("ACC (%)")
         ax.set_title(f"{dataset} / {model}: one point per attack and seed")
-        ax.legend(fontsize=7, ncol=2)
+        _legend(ax)
         figs.append((f"ACC vs ASR per defense, {dataset} / {model}",
                      _save(fig, out / f"scatter_{_slug(dataset)}_{_slug(model)}.png")))
     return figs
@@ -74,18 +103,23 @@ def sweep(rows, out: Path, param: str, where: str, xlabel: str) -> list[tuple[st
     for (dataset, model), lines in series.items():
         if all(len({v for v, _ in pts}) < 2 for pts in lines.values()):
             continue
+        from .stats import mean_ci
+
         fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.8, FIGSIZE[1]))
-        for (attack, defense), pts in lines.items():
+        drawn = [(k, pts) for k, pts in lines.items() if len({v for v, _ in pts}) >= 2]
+        for i, ((attack, defense), pts) in enumerate(drawn):
             xs = sorted({v for v, _ in pts})
-            if len(xs) < 2:
-                continue
             for ax, metric in zip(axes, ("asr", "acc")):
-                ys = [100 * mean(_nanfree([r for v, r in pts if v == x], metric) or [float("nan")]) for x in xs]
-                ax.plot(xs, ys, marker="o", label=f"{attack} / {defense}")
+                cis = [mean_ci(_nanfree([r for v, r in pts if v == x], metric)) for x in xs]
+                ys = [100 * c.mean if c else float("nan") for c in cis]
+                err = [100 * c.half_width if c and c.half_width is not None else 0.0 for c in cis]
+                ax.errorbar(xs, ys, yerr=err if any(err) else None, capsize=3, label=f"{attack} / {defense}",
+                            **style(i, len(drawn)))
         for ax, metric in zip(axes, ("ASR", "ACC")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{metric} (%)")
-            ax.legend(fontsize=7)
+        _legend(axes[1])
+        fig.suptitle(f"{dataset} / {model} (error bars: 95 % t-interval over seeds, where there are several)")
         fig.suptitle(f"{dataset} / {model}")
         figs.append((f"ASR and ACC vs {xlabel}, {dataset} / {model}",
                      _save(fig, out / f"{_slug(param)}_{_slug(dataset)}_{_slug(model)}.png")))
@@ -109,7 +143,7 @@ def detection(rows, out: Path) -> list[tuple[str, Path]]:
         ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("%")
         ax.set_title(f"Detection of poisoned samples, {dataset} (mean over attacks)")
-        ax.legend()
+        _legend(ax)
         figs.append((f"Detection TPR/FPR, {dataset}", _save(fig, out / f"detection_{_slug(dataset)}.png")))
     return figs
 
@@ -139,7 +173,7 @@ def rounds(rows, out: Path) -> list[tuple[str, Path]]:
         ax = axes[0][0]
         for i, r in enumerate(rs):
             obs = _models(r["observations"])
-            color = f"C{i % 10}"
+            color = style(i, len(rs))["color"]
             label = r["attack_name"] + (f" s{r['seed']}" if r.get("seed") else "")
             ax.plot(range(len(obs)), [100 * o["asr"] for o in obs], marker="o", color=color, label=label)
             ax.plot(range(len(obs)), [100 * o["acc"] for o in obs], linestyle="--", color=color)
@@ -157,12 +191,14 @@ def rounds(rows, out: Path) -> list[tuple[str, Path]]:
         ax.set_xticks(range(len(tags)), [o["tag"] for o in tags], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("ASR (solid) / ACC (dashed), %")
         ax.set_title(f"{defense}: intermediate models, {dataset} / {model}", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
+        if not flags:
+            _legend(ax, fontsize=6)
         if flags:
             bx = axes[0][1]
             bx.set_xticks(range(len(tags)), [o["tag"] for o in tags], rotation=30, ha="right", fontsize=7)
             bx.set_ylabel("identification TPR (solid) / FPR (dashed);\nD_c poison share (dotted), %", fontsize=8)
             bx.set_title("if identification ran after this round", fontsize=9)
+            _legend(bx, fontsize=6)
         figs.append((f"{defense}: ASR/ACC of its intermediate models ({dataset} / {model})",
                      _save(fig, out / f"rounds_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))
     return figs
@@ -189,7 +225,7 @@ def score_histograms(rows, out: Path) -> list[tuple[str, Path]]:
             ax.set_xlabel("robustness score (KL)", fontsize=7)
             ax.tick_params(labelsize=6)
         axes[0][0].set_ylabel("share of group", fontsize=7)
-        axes[0][0].legend(fontsize=6)
+        _legend(axes[0][-1], fontsize=6)
         fig.suptitle(f"{defense}: round-1 scores, {dataset} / {model}", fontsize=9)
         figs.append((f"{defense}: score distributions of clean and poisoned samples ({dataset} / {model})",
                      _save(fig, out / f"scores_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))
@@ -199,7 +235,7 @@ def score_histograms(rows, out: Path) -> list[tuple[str, Path]]:
 def make_figures(rows: list[dict], out: Path) -> list[tuple[str, Path]]:
     """Draw every applicable figure into ``out`` (emptied first: it holds generated files only)."""
     if out.exists():
-        for old in out.glob("*.png"):
+        for old in [*out.glob("*.png"), *out.glob("*.pdf")]:
             old.unlink()
     return (scatter(rows, out)
             + sweep(rows, out, "poison_ratio", "attack_params", "poison ratio")
