@@ -13,6 +13,14 @@
 * Detection, when a defense flags training samples: TPR = flagged poison / all poison,
   FPR = flagged non-poison / all non-poison, precision = flagged poison / flagged.
   Cover samples (trigger-like, label kept) count as non-poison.
+* DER and RIR (the ratings BackdoorBench's leaderboard reports; DER from Zhu et al., ICCV 2023,
+  "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware Minimization"), in [0, 1],
+  against the undefended model of the same poisoned set:
+  DER = [max(0, ASR_undef - ASR) - max(0, ACC_undef - ACC) + 1] / 2,
+  RIR = [max(0, RA - RA_undef) - max(0, ACC_undef - ACC) + 1] / 2.
+  1 means the backdoor (DER) or the robust accuracy's whole gap (RIR) is gone at no cost in ACC,
+  0.5 that nothing changed.  RIR follows BackdoorBench's written formula; its code adds the ACC
+  drop where the formula subtracts it, and we follow the formula.
 """
 from __future__ import annotations
 
@@ -23,6 +31,16 @@ import torch
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return (pred == y).float().mean().item() if len(y) else math.nan
+
+
+def der(acc_undef: float, asr_undef: float, acc: float, asr: float) -> float:
+    """Defense effectiveness rating (see the module docstring); fractions in, a fraction out."""
+    return (max(0.0, asr_undef - asr) - max(0.0, acc_undef - acc) + 1) / 2
+
+
+def rir(acc_undef: float, ra_undef: float, acc: float, ra: float) -> float:
+    """Robust improvement rate (see the module docstring)."""
+    return (max(0.0, ra - ra_undef) - max(0.0, acc_undef - acc) + 1) / 2
 
 
 def per_class_recall(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:

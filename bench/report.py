@@ -39,6 +39,24 @@ def paper_numbers() -> dict[tuple[str, str, str], tuple[float, float]]:
     return out
 
 
+#: our names -> BackdoorBench leaderboard names (models, attacks, defenses); unlisted names have no row there
+BB_MODELS = {"preact_resnet18": "PreActResNet-18"}
+BB_ATTACKS = {"BadNet": "BadNet", "Blend": "Blended", "SIG": "SIG", "WaNet": "WaNet"}
+BB_DEFENSES = {"No Defense": "No Defense", "FineTuning": "FT", "FinePruning": "FP", "ABL": "ABL", "CLP": "CLP",
+               "DBR": "D-BR"}
+
+
+def leaderboard() -> dict[tuple, tuple[float, float, float]]:
+    """BackdoorBench's CIFAR-10 leaderboard (shipped in ``bench/reference``): (dataset, model, poison
+    ratio, attack, defense) -> (ACC, ASR, RA) in %."""
+    text = resources.files("bench").joinpath("reference/backdoorbench_leaderboard_cifar10.csv").read_text()
+    def value(v: str) -> float:  # the leaderboard writes N/A for runs it does not have
+        return float("nan") if v.strip() in ("", "N/A") else float(v)
+
+    return {(r["dataset"], r["model"], float(r["pratio"]), r["attack"], r["defense"]):
+            (value(r["acc"]), value(r["asr"]), value(r["ra"])) for r in csv.DictReader(io.StringIO(text))}
+
+
 def _vals(values) -> list[float]:
     return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
 
@@ -279,6 +297,10 @@ def build_sections(rows: list[dict]) -> list[Section]:
         if nat is not None:
             tables.append(nat)
 
+        ratings = ratings_table(dataset, model, cells)
+        if ratings is not None:
+            tables.append(ratings)
+
         paired = paired_table(cells, attacks, defenses)
         if paired is not None:
             tables.append(paired)
@@ -295,11 +317,38 @@ def build_sections(rows: list[dict]) -> list[Section]:
     return sections
 
 
-def _paired_text(p) -> str:
+def ratings_table(dataset: str, model: str, cells) -> Table | None:
+    """DER and RIR against the undefended model of the same poisoned set, with BackdoorBench's
+    leaderboard numbers where its dataset, model, poison ratio, attack and defense match ours."""
+    from .results import frame
+
+    df = frame([r for rs in cells.values() for r in rs])
+    if df.empty or df["der"].isna().all():
+        return None
+    board = leaderboard()
+    body = []
+    for (a, d), g in df.groupby(["attack_name", "defense_name"], sort=False):
+        r0 = cells[(a, d)][0]
+        ratio = (r0.get("attack_params") or {}).get("poison_ratio")
+        key = (dataset, BB_MODELS.get(model), ratio, BB_ATTACKS.get(r0.get("attack_display")),
+               BB_DEFENSES.get(r0.get("defense_display")))
+        bb = board.get(key) if ratio is not None else None
+        body.append([a, d, pct(g["acc"]), pct(g["asr"]), pct(g["ra"]), pct(g["der"]), pct(g["rir"]),
+                     "/".join(f"{v:.1f}" for v in bb) if bb else "–"])
+    return Table("DER / RIR (%) and BackdoorBench's leaderboard", ["Attack", "Defense", "ACC", "ASR", "RA", "DER",
+                                                                   "RIR", "BackdoorBench ACC/ASR/RA"], body,
+                 "DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 and RIR = [max(0, ΔRA) − max(0, ΔACC) + 1] / 2 against "
+                 "the undefended model of the same poisoned set (50 = no change); BackdoorBench: its CIFAR-10 "
+                 "leaderboard where model (PreAct-ResNet-18), poison ratio, attack and defense match")
+
+
+def _paired_text(p, all_single: bool = False) -> str:
     if p is None:
         return "–"
     d = f"{100 * p.diff:+.1f}"
     if p.p is None:
+        if all_single:
+            return d  # the table's note says it once
         return f"{d} (one seed: cannot tell)" if p.n == 1 else f"{d} (no spread: no test)"
     return f"{d} (p={p.p:.3f}){'*' if p.significant else ''}"
 
@@ -316,6 +365,7 @@ def paired_table(cells, attacks, defenses) -> Table | None:
     advrbd = next((d for d in defenses if keys[d] == "advrbd"), None)
     if base is None and advrbd is None:
         return None
+    single = all(len({r.get("seed") for r in rs}) == 1 for rs in cells.values())
     body = []
     for a in attacks:
         for d in defenses:
@@ -325,16 +375,18 @@ def paired_table(cells, attacks, defenses) -> Table | None:
             for ref in (base, advrbd):
                 for metric in ("asr", "acc"):
                     ok = ref is not None and ref != d and (a, ref) in cells
-                    line.append(_paired_text(paired_test(by_seed(a, d, metric), by_seed(a, ref, metric)))
+                    line.append(_paired_text(paired_test(by_seed(a, d, metric), by_seed(a, ref, metric)), single)
                                 if ok else "–")
             body.append(line)
     if not body:
         return None
+    note = (f"paired t-test over the seeds both were run with (same poisoned sets), two-sided; * p < {ALPHA:g}; "
+            f"with one seed a difference is a single draw and no test can say whether it would repeat")
+    if single:
+        note = "one seed per cell: each difference is a single draw and no test can say whether it would repeat"
     return Table("Paired differences over seeds (percentage points): each defense minus the reference",
                  ["Attack", "Defense", "seeds", "ΔASR vs undefended", "ΔACC vs undefended", "ΔASR vs AdvrBD",
-                  "ΔACC vs AdvrBD"], body,
-                 f"paired t-test over the seeds both were run with (same poisoned sets), two-sided; * p < {ALPHA:g}; "
-                 f"with one seed a difference is a single draw and no test can say whether it would repeat")
+                  "ΔACC vs AdvrBD"], body, note)
 
 
 # --- renderers --------------------------------------------------------------------------------

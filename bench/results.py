@@ -15,6 +15,7 @@ Columns (``NaN`` where a cell has no such value):
 * the undefended model on the same poisoned set: ``undefended.acc, undefended.acc_nontarget,
   undefended.asr, undefended.ra`` (from the backdoored model a repair defense started from, or the
   matrix's undefended cell);
+* ``der, rir``: BackdoorBench's ratings against that undefended model (:mod:`bench.metrics`);
 * detection: ``tpr, fpr, precision, flagged``; further models: ``<name>.acc, <name>.asr`` (e.g. ``relearn``);
 * natural backdoors: ``natural.asr@<budget>`` and ``natural.anomaly``;
 * cost and setting: ``wall_time_s, epoch_equivalents, clean_data, n_train, n_poison, n_cover``,
@@ -82,6 +83,8 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame([flatten(r) for r in rows])
     if df.empty:
         return df
+    for k in METRICS:
+        df[f"undefended.{k}"] = pd.to_numeric(df[f"undefended.{k}"], errors="coerce")
     attack_params = sorted(c for c in df.columns if c.startswith(("attack.", "recipe.")))
     match = [c for c in (*POISON_COLUMNS, *attack_params) if c in df.columns]
     base = df[df["defense"] == "undefended"]
@@ -90,8 +93,21 @@ def frame(rows: list[dict]) -> pd.DataFrame:
         keyed = keyed.rename(columns={k: f"_u.{k}" for k in METRICS})
         merged = df.astype({c: str for c in match})[match].merge(keyed, on=match, how="left")
         for k in METRICS:
-            df[f"undefended.{k}"] = df[f"undefended.{k}"].fillna(merged[f"_u.{k}"]).infer_objects()
+            fill = pd.Series(pd.to_numeric(merged[f"_u.{k}"], errors="coerce").to_numpy(), index=df.index)
+            df[f"undefended.{k}"] = df[f"undefended.{k}"].fillna(fill)
+    _ratings(df)
     return df
+
+
+def _ratings(df: pd.DataFrame) -> None:
+    from .metrics import der, rir
+
+    def rate(fn, a, b, c, d):
+        return [fn(*v) if not any(pd.isna(x) for x in v) else float("nan")
+                for v in zip(df[a], df[b], df[c], df[d])]
+
+    df["der"] = rate(der, "undefended.acc", "undefended.asr", "acc", "asr")
+    df["rir"] = rate(rir, "undefended.acc", "undefended.ra", "acc", "ra")
 
 
 def load(source, output: str | Path | None = None) -> pd.DataFrame:

@@ -45,3 +45,15 @@ def test_report_shows_paired_differences_and_says_when_one_seed_cannot_tell():
     assert x[2] == "3" and x[3].startswith("-89.0 (p=") and x[3].endswith("*")
     y = next(r for r in t.rows if r[1] == "Y")
     assert y[3] == "-45.0 (one seed: cannot tell)"
+
+
+def test_der_and_rir_on_known_values_and_the_leaderboard_lookup():
+    from bench.metrics import der, rir
+    from bench.report import leaderboard
+
+    # FT-SAM's Table 1, FT on BadNets: 91.82/93.79 -> 90.29/1.70 gives DER 95.28
+    assert 100 * der(0.9182, 0.9379, 0.9029, 0.0170) == pytest.approx(95.28, abs=0.01)
+    assert der(0.9, 0.9, 0.95, 0.95) == 0.5  # a rise in ACC or ASR counts as no change
+    assert rir(0.9, 0.1, 0.8, 0.7) == pytest.approx((0.6 - 0.1 + 1) / 2)
+    board = leaderboard()
+    assert board[("cifar10", "PreActResNet-18", 0.05, "BadNet", "FT")] == (91.22, 4.49, 88.22)
