@@ -38,7 +38,8 @@ def _setup(args):
 
     matrix = load_matrix(_matrix_path(args.matrix), getattr(args, "set", None))
     out = Path(args.output or matrix.output)
-    runner = Runner(Store(out), device=_device(args.device), data_root=args.data_root)
+    runner = Runner(Store(out), device=_device(args.device), data_root=args.data_root,
+                    save_models=getattr(args, "save_models", False))
     return matrix, runner
 
 
@@ -183,6 +184,61 @@ def show_text(name: str) -> str:
     return "\n".join(out)
 
 
+def _checkpoints(matrix, runner):
+    """(cell, backdoored model folder or None, defended model folder or None) per cell."""
+    from .store import digest
+
+    out = []
+    for c in matrix.cells:
+        bd = runner.store.dir("backdoor", digest(c.backdoor_ident()))
+        df = runner.store.dir("models", digest(c.result_ident()))
+        out.append((c, bd if (bd / "meta.json").exists() else None, df if (df / "meta.json").exists() else None))
+    return out
+
+
+def cmd_models(args) -> int:
+    matrix, runner = _setup(args)
+    rows = _checkpoints(matrix, runner)
+    for c, bd, df in rows:
+        print(f"{c.label}\n    backdoored: {bd or '-'}\n    defended:   {df or '- (run with --save-models)'}")
+    print(f"{sum(bd is not None for _, bd, _ in rows)} backdoored and {sum(df is not None for _, _, df in rows)} "
+          f"defended models of {len(rows)} cells", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write one cell's model (verified against its checksum) as a state dict."""
+    import shutil
+
+    from .store import Store, sha256_file
+
+    matrix, runner = _setup(args)
+    rows = _checkpoints(matrix, runner)
+    hits = [r for r in rows if r[0].label == args.cell] or [r for r in rows if args.cell in r[0].label]
+    if len(hits) != 1:
+        names = ", ".join(r[0].label for r in hits[:5]) or ", ".join(r[0].label for r in rows[:5])
+        raise ConfigError(f"export: '{args.cell}' matches {len(hits)} cells of matrix '{matrix.name}'; give one "
+                          f"label exactly (e.g. {names}); `bench models` lists them")
+    cell, bd, df = hits[0]
+    folder = bd if args.backdoored else df
+    if folder is None:
+        what = "backdoored model" if args.backdoored else "defended model (run the matrix with --save-models)"
+        raise ConfigError(f"export: no {what} for {cell.label}")
+    weights = folder / "weights.safetensors"
+    if sha256_file(weights) != (Store.load_json(folder / "meta.json") or {}).get("sha256"):
+        raise ConfigError(f"export: {weights} does not match its checksum; rerun the cell")
+    dest = Path(args.path)
+    if dest.suffix == ".pt":  # a plain torch state dict
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(weights)), dest)
+    else:
+        shutil.copyfile(weights, dest)
+    print(f"written: {dest} ({'backdoored' if args.backdoored else 'defended'} model of {cell.label}, "
+          f"architecture {cell.model})", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args) -> int:
     print(show_text(args.name))
     return 0
@@ -227,6 +283,9 @@ def main(argv=None) -> int:
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",
                    help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")
+    r.add_argument("--save-models", action="store_true",
+                   help="keep each computed cell's defended model in the store (list: bench models; "
+                        "write one out: bench export)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the cells, the trainings to execute (vs naive) and a cost estimate")
     r.set_defaults(fn=cmd_run)
@@ -240,6 +299,15 @@ def main(argv=None) -> int:
     g.add_argument("--examples", type=int, default=3, help="clean/triggered pairs per attack")
     g.set_defaults(fn=cmd_gallery)
     sub.add_parser("list", help="list attacks, defenses, datasets and models").set_defaults(fn=cmd_list)
+    mo = sub.add_parser("models", help="the checkpoints of a matrix's cells, by cell label")
+    common(mo)
+    mo.set_defaults(fn=cmd_models)
+    ex = sub.add_parser("export", help="write one cell's model as a state dict (.safetensors, or .pt)")
+    common(ex)
+    ex.add_argument("cell", help="the cell's label as `bench models` prints it (or a part naming one cell)")
+    ex.add_argument("path", help="output file: .safetensors (as stored) or .pt (torch.save of the state dict)")
+    ex.add_argument("--backdoored", action="store_true", help="the undefended model instead of the defended one")
+    ex.set_defaults(fn=cmd_export)
     sh = sub.add_parser("show", help="every parameter of one attack or defense: type, default, range, meaning")
     sh.add_argument("name", help="an attack or defense name, as `list` prints it")
     sh.set_defaults(fn=cmd_show)

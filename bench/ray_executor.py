@@ -13,7 +13,7 @@ import sys
 import traceback
 
 
-def _task(kind, cell, store_root, data_root, trainer_options, device, threads):
+def _task(kind, cell, store_root, data_root, trainer_options, device, threads, save_models=False):
     import torch
 
     from .runner import Runner
@@ -21,7 +21,8 @@ def _task(kind, cell, store_root, data_root, trainer_options, device, threads):
     from .store import Store
 
     torch.set_num_threads(threads)
-    runner = Runner(Store(store_root), device=device, data_root=data_root, trainer_options=trainer_options)
+    runner = Runner(Store(store_root), device=device, data_root=data_root, trainer_options=trainer_options,
+                    save_models=save_models)
     return _run_task(runner, kind, cell)
 
 
@@ -44,7 +45,7 @@ def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:
                      runtime_env={"env_vars": {"PYTHONPATH": path}})
     remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else threads, max_retries=0)(_task)
     args = (str(runner.store.root.resolve()), runner.data_root, runner.trainer_options,
-            "cuda" if gpu else "cpu", threads)
+            "cuda" if gpu else "cpu", threads, runner.save_models)
 
     pending = {}
     for key, c in p.backdoors.items():

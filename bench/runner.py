@@ -10,7 +10,10 @@ Artifacts in the store (see :mod:`bench.store`):
   row exists is skipped;
 * ``failures/<key>.json``: the traceback of a failed cell (the CLI skips it on the next run unless
   ``--retry-failed``);
-* ``logs/<cell>.log``: a log file per cell.
+* ``logs/<cell>.log``: a log file per cell;
+* ``models/<result key>/``: the defended model (and any further models a defense returned), kept
+  only when the run was asked to (``--save-models``); ``bench models`` lists them by cell label
+  and ``bench export`` writes one out.
 """
 from __future__ import annotations
 
@@ -120,6 +123,8 @@ class Runner:
     device: str = "cpu"
     data_root: str | None = None
     trainer_options: dict = field(default_factory=dict)
+    #: keep each cell's defended model in the store (``models/<result key>/``)
+    save_models: bool = False
     _datasets: dict = field(default_factory=dict)
     _poisoned: dict = field(default_factory=dict)
 
@@ -258,6 +263,12 @@ class Runner:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
             row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig, ds.num_classes)
+        if self.save_models:  # before the result, so a result with save_models always has its model
+            key = digest(cell.result_ident())
+            self.store.save_model("models", key, out.model, {"cell": cell.label, "result": key})
+            for name, m in out.extra_models.items():
+                self.store.save_model("models", f"{key}-{name}", m, {"cell": cell.label, "result": key,
+                                                                     "model": name})
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
             log.info("%s: %s", ev.name, cell.label)
             row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()

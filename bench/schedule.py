@@ -509,7 +509,7 @@ def _worker_sigterm(signum, frame):
     os._exit(128 + signum)
 
 
-def _init_worker(slots, store_root, data_root, trainer_options):
+def _init_worker(slots, store_root, data_root, trainer_options, save_models=False):
     global _WORKER_RUNNER
     from .runner import Runner
     from .store import Store
@@ -521,7 +521,7 @@ def _init_worker(slots, store_root, data_root, trainer_options):
     torch.set_num_threads(slot.threads)
     logging.getLogger("bench").setLevel(logging.INFO)
     _WORKER_RUNNER = Runner(Store(store_root), device=slot.device, data_root=data_root,
-                            trainer_options=trainer_options)
+                            trainer_options=trainer_options, save_models=save_models)
 
 
 def _worker_task(kind, cell):
@@ -656,7 +656,7 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
             queue.put(s)
         pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
                                    initargs=(queue, str(runner.store.root), runner.data_root,
-                                             runner.trainer_options))
+                                             runner.trainer_options, runner.save_models))
         try:
             futures = {}
             for key, c in p.backdoors.items():
