@@ -48,7 +48,8 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import Interrupted, dry_run_text, on_signals, parse_devices, plan, raise_interrupted, select
+    from .schedule import (Interrupted, dry_run_text, on_signals, parse_devices, parse_shard, plan,
+                           raise_interrupted, select, shard)
 
     matrix, runner = _setup(args)
     try:
@@ -66,6 +67,10 @@ def cmd_run(args) -> int:
     cells = select(matrix.cells, args.only or [])
     if not cells:
         raise ConfigError(f"--only: no cell of matrix '{matrix.name}' matches {' '.join(args.only)}")
+    part = parse_shard(args.shard)
+    if part is not None:
+        cells = shard(cells, *part)
+        print(f"shard {part[0]} of {part[1]}: {len(cells)} cells", file=sys.stderr)
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
         print(dry_run_text(p, runner))
@@ -100,14 +105,17 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
+    elsewhere = sum(o.status == "elsewhere" for o in outcomes)
+    counts = f"{done} computed, " + (f"{elsewhere} computed by another process, " if elsewhere else "") + \
+        f"{cached} cached, {len(failed)} failed"
     conflict = numerics_conflict(matrix.cells, runner)
     if conflict and not args.allow_mixed_numerics:
-        print(f"{done} computed, {cached} cached, {len(failed)} failed; no report: {conflict}", file=sys.stderr)
+        print(f"{counts}; no report: {conflict}", file=sys.stderr)
         return 2
     if conflict:
         print(f"warning: {conflict}", file=sys.stderr)
     md, _ = write_report(matrix, runner, _report_dir(args, matrix))
-    print(f"{done} computed, {cached} cached, {len(failed)} failed; tables: {md}", file=sys.stderr)
+    print(f"{counts}; tables: {md}", file=sys.stderr)
     for o in failed:
         cause = getattr(o.error, "cause", None)
         hint = {"environment": " [environment: the next run retries it]",
@@ -283,6 +291,9 @@ def main(argv=None) -> int:
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",
                    help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")
+    r.add_argument("--shard", metavar="I/N",
+                   help="run shard I (0-based) of N: poisoned sets dealt round-robin, each with its cells "
+                        "(default: a SLURM job array's task, from SLURM_ARRAY_TASK_ID/_COUNT)")
     r.add_argument("--save-models", action="store_true",
                    help="keep each computed cell's defended model in the store (list: bench models; "
                         "write one out: bench export)")

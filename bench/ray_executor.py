@@ -23,7 +23,7 @@ def _task(kind, cell, store_root, data_root, trainer_options, device, threads, s
     torch.set_num_threads(threads)
     runner = Runner(Store(store_root), device=device, data_root=data_root, trainer_options=trainer_options,
                     save_models=save_models)
-    return _run_task(runner, kind, cell)
+    return _run_task(runner, kind, cell, True)  # Ray schedules each task once: wait for a held lock
 
 
 def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:

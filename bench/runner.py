@@ -111,7 +111,7 @@ def numerics(device, bf16: bool) -> dict:
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # "cached" | "done" | "failed"
+    status: str  # "cached" (before the run) | "done" (computed here) | "elsewhere" (by another process) | "failed"
     result: dict | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -161,14 +161,15 @@ class Runner:
                             cell.seed, **kw)
 
     # --- the shared backdoored model ------------------------------------------------------------
-    def backdoored(self, cell: Cell):
-        """The undefended model on this cell's poisoned set: loaded from the store or trained once."""
+    def backdoored(self, cell: Cell, wait: bool = True):
+        """The undefended model on this cell's poisoned set: loaded from the store or trained once.
+        With ``wait=False``, :class:`~bench.store.Held` when another process is training it."""
         key = digest(cell.backdoor_ident())
         ds = self.dataset(cell)
         model = self.make_model(cell, ds)
         if self.store.load_model("backdoor", key, model) is not None:
             return model
-        with self.store.lock("backdoor", key):
+        with self.store.lock("backdoor", key, wait=wait):
             if self.store.load_model("backdoor", key, model) is not None:  # another process made it
                 return model
             poisoned, trig = self.poisoned(cell)
@@ -202,13 +203,20 @@ class Runner:
             self.store.report_bad(path, problem)
         return row
 
-    def run_cell(self, cell: Cell) -> dict:
+    def run_cell(self, cell: Cell, wait: bool = True) -> dict:
+        """The cell's result, computed here unless the store has it (``self.computed`` says which).
+        With ``wait=False``, :class:`~bench.store.Held` when another process is computing it."""
+        self.computed = False
         cached = self.cached_result(cell)
         if cached is not None:
             return cached
-        with self.store.lock("result", digest(cell.result_ident())):
+        with self.store.lock("result", digest(cell.result_ident()), wait=wait):
             cached = self.cached_result(cell)  # another process may have finished it meanwhile
-            return cached if cached is not None else self._run_cell(cell)
+            if cached is not None:
+                return cached
+            row = self._run_cell(cell)
+            self.computed = True
+            return row
 
     def _run_cell(self, cell: Cell) -> dict:
         ds = self.dataset(cell)

@@ -99,6 +99,38 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     return cells
 
 
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
+    """``--shard I/N`` (0-based ``I``), else a SLURM job array's task (``SLURM_ARRAY_TASK_ID`` minus
+    ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else no sharding."""
+    from .registry import ConfigError
+
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" not in environ or "SLURM_ARRAY_TASK_COUNT" not in environ:
+            return None
+        try:
+            i = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+            n = int(environ["SLURM_ARRAY_TASK_COUNT"])
+        except ValueError:
+            raise ConfigError("--shard: SLURM_ARRAY_TASK_ID/_COUNT are not integers; pass --shard I/N") from None
+        where = "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
+    else:
+        i_text, slash, n_text = text.partition("/")
+        if not slash or not i_text.isdigit() or not n_text.isdigit():
+            raise ConfigError(f"--shard: '{text}' is not I/N (e.g. 0/4: the first of four shards)")
+        i, n, where = int(i_text), int(n_text), "--shard"
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard: shard {i} of {n} is out of range; allowed: 0..{n - 1} ({where})")
+    return i, n
+
+
+def shard(cells: list[Cell], i: int, n: int) -> list[Cell]:
+    """Shard ``i`` of ``n``: the poisoned sets (with their backdoored model) dealt round-robin in a
+    fixed order, each with all of its cells, so no two shards train the same backdoored model."""
+    keys = sorted({digest(c.backdoor_ident()) for c in cells})
+    mine = set(keys[i::n])
+    return [c for c in cells if digest(c.backdoor_ident()) in mine]
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM: stop, keep what is finished, write nothing half-done (a BaseException, so
     that no ``except Exception`` of a task records it as the cell's failure)."""
@@ -481,14 +513,21 @@ def fmt_seconds(seconds: float) -> str:
 
 # --- task bodies (run in this process or in a worker) -----------------------------------------
 
-def _run_task(runner, kind: str, cell: Cell):
+def _run_task(runner, kind: str, cell: Cell, wait: bool = False):
+    """Status ``done`` (computed here), ``elsewhere`` (another process computed it), ``held`` (another
+    process is computing it now; only with ``wait=False``: the caller comes back to it) or ``failed``."""
+    from .store import Held
+
     handler = runner.cell_log(cell)
     t0 = time.time()
     try:
         if kind == "backdoor":
-            runner.backdoored(cell)
+            runner.backdoored(cell, wait=wait)
             return "done", None, None, time.time() - t0
-        return "done", runner.run_cell(cell), None, time.time() - t0
+        row = runner.run_cell(cell, wait=wait)
+        return ("done" if runner.computed else "elsewhere"), row, None, time.time() - t0
+    except Held:
+        return "held", None, None, time.time() - t0
     except Exception as e:  # recorded, reported, and the matrix goes on
         tb = traceback.format_exc()
         log.error("%s %s failed:\n%s", kind, cell.label, tb)
@@ -524,11 +563,11 @@ def _init_worker(slots, store_root, data_root, trainer_options, save_models=Fals
                             trainer_options=trainer_options, save_models=save_models)
 
 
-def _worker_task(kind, cell):
+def _worker_task(kind, cell, wait=False):
     global _WORKER_BUSY
     _WORKER_BUSY = True
     try:
-        return _run_task(_WORKER_RUNNER, kind, cell)
+        return _run_task(_WORKER_RUNNER, kind, cell, wait)
     except Interrupted as e:
         os._exit(128 + e.signum)
     finally:
@@ -600,7 +639,12 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
               f"({actual} trainings; {naive} without the cache), {workers} worker(s)", file=progress, flush=True)
 
     def finish(cell, status, payload, tb, seconds):
-        if status == "done":
+        if status == "elsewhere":
+            prog.done += 1
+            prog.cell_done(cell, payload.get("wall_time_s", seconds), payload)
+            outcomes[id(cell)] = CellOutcome(cell, "elsewhere", payload, seconds=seconds)
+            prog.say(f"{cell.label}: computed by another process")
+        elif status == "done":
             prog.done += 1
             prog.durations.append(seconds)
             prog.cell_done(cell, seconds, payload)
@@ -623,24 +667,44 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         (waiting[key] if key in p.backdoors else ready).append(c)
 
     if executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
-        def run_cells(cells):
+        # Work another process holds is skipped and revisited at the end (then waiting for it), so
+        # several `bench run` of one matrix on one store split the cells instead of queueing.
+        held_cells, held_backdoors = [], []
+
+        def run_cells(cells, wait=False):
             # grouped by poisoned set so each is built once in memory
             for c in sorted(cells, key=lambda c: digest(c.backdoor_ident())):
                 prog.running = 1
-                finish(c, *_run_task(runner, "cell", c))
+                result = _run_task(runner, "cell", c, wait)
+                if result[0] == "held":
+                    held_cells.append(c)
+                else:
+                    finish(c, *result)
+
+        def run_backdoor(key, c, wait=False):
+            status, err, tb, dt = _run_task(runner, "backdoor", c, wait)
+            if status == "held":
+                held_backdoors.append((key, c))
+                return
+            prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
+            if status == "done":
+                run_cells(waiting.pop(key), wait)
+            else:
+                for cell in waiting.pop(key):
+                    finish(cell, "failed", Failure(f"backdoored model failed: {err}", getattr(err, "cause", None)),
+                           tb, 0.0)
 
         run_cells(ready)
         # one poisoned set at a time: its backdoored model, then the cells that use it, so finished
         # results reach the store as early as possible
         for key, c in p.backdoors.items():
-            status, err, tb, dt = _run_task(runner, "backdoor", c)
-            prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
-            if status == "done":
-                run_cells(waiting.pop(key))
-            else:
-                for cell in waiting.pop(key):
-                    finish(cell, "failed", Failure(f"backdoored model failed: {err}", getattr(err, "cause", None)),
-                           tb, 0.0)
+            run_backdoor(key, c)
+        while held_cells or held_backdoors:  # what others were computing: wait for it now
+            cells, held_cells[:] = list(held_cells), []
+            backdoors, held_backdoors[:] = list(held_backdoors), []
+            run_cells(cells, wait=True)
+            for key, c in backdoors:
+                run_backdoor(key, c, wait=True)
         prog.running = 0
     elif executor == "ray":
         from .ray_executor import run_ray
@@ -658,12 +722,16 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                                    initargs=(queue, str(runner.store.root), runner.data_root,
                                              runner.trainer_options, runner.save_models))
         try:
-            futures = {}
+            futures, held = {}, []
             for key, c in p.backdoors.items():
                 futures[pool.submit(_worker_task, "backdoor", c)] = ("backdoor", key, c)
             for c in ready:
                 futures[pool.submit(_worker_task, "cell", c)] = ("cell", None, c)
-            while futures:
+            while futures or held:
+                if not futures:  # only work other processes hold is left: wait for it now
+                    for kind, key, c in held:
+                        futures[pool.submit(_worker_task, kind, c, True)] = (kind, key, c)
+                    held = []
                 prog.running = min(len(futures), len(slots))
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for f in finished:
@@ -672,6 +740,9 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
                         status, payload, tb, dt = f.result()
                     except Exception as e:  # the worker process died
                         status, payload, tb, dt = "failed", f"worker died: {e!r}", traceback.format_exc(), 0.0
+                    if status == "held":
+                        held.append((kind, key, c))
+                        continue
                     if kind == "cell":
                         finish(c, status, payload, tb, dt)
                         continue

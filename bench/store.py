@@ -18,12 +18,20 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("bench.store")
+
+#: unique across the hosts sharing a store: temporary files carry host name and process id
+_TMP_TAG = f"{socket.gethostname()}.{os.getpid()}"
+
+
+class Held(RuntimeError):
+    """Another process holds the lock of an artifact (it is computing it now)."""
 
 
 def digest(payload) -> str:
@@ -41,7 +49,7 @@ def sha256_file(path: Path) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_TMP_TAG}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -107,11 +115,18 @@ class Store:
         return self.root / kind / key
 
     @contextlib.contextmanager
-    def lock(self, kind: str, key: str):
+    def lock(self, kind: str, key: str, wait: bool = True):
+        """Hold the artifact's lock (``flock`` on ``locks/<kind>-<key>.lock``).  With ``wait=False``,
+        raise :class:`Held` at once when another process holds it.  Processes on several hosts need
+        a filesystem whose ``flock`` works across them (NFSv4, or Lustre mounted with ``flock``;
+        ``localflock`` locks only within one host)."""
         path = self.root / "locks" / f"{kind}-{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Held(f"{kind} {key} is being computed by another process") from None
             try:
                 yield
             finally:
@@ -123,7 +138,7 @@ class Store:
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         weights = d / "weights.safetensors"
-        tmp = d / f".weights.{os.getpid()}.tmp"
+        tmp = d / f".weights.{_TMP_TAG}.tmp"
         try:
             save_file(state, str(tmp))
             with open(tmp, "rb+") as f:
