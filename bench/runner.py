@@ -34,7 +34,7 @@ from .data import Dataset, ImageSet, load_dataset
 from .matrix import Cell, Matrix
 from .models import ModelFactory, build_model
 from .store import Store, atomic_write_json, digest
-from .trainer import Trainer
+from .trainer import Checkpoint, Trainer
 
 log = logging.getLogger("bench")
 
@@ -125,6 +125,9 @@ class Runner:
     trainer_options: dict = field(default_factory=dict)
     #: keep each cell's defended model in the store (``models/<result key>/``)
     save_models: bool = False
+    #: seconds between two in-training checkpoints of a backdoored model (``partial/``): a killed
+    #: training resumes from the last one
+    checkpoint_every_s: float = 120.0
     _datasets: dict = field(default_factory=dict)
     _poisoned: dict = field(default_factory=dict)
 
@@ -176,11 +179,18 @@ class Runner:
             trainer = self.trainer(cell)
             log.info("training backdoored model %s", cell.label)
             t0 = time.time()
-            model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(), seed=cell.seed)
+            nums = numerics(self.device, trainer.bf16)
+            ckpt = Checkpoint(self.store.root / "partial" / f"backdoor-{key}.pt", every_s=self.checkpoint_every_s,
+                              tag=digest(nums))
+            history: list = []
+            model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(), seed=cell.seed,
+                                checkpoint=ckpt, name=f"backdoored model {cell.label}", history=history)
+            t_eval = time.time()
             ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
+            # a resumed training's time is its epochs' (this process ran only the last ones) plus the evaluation
+            wall = max(time.time() - t0, sum(h["seconds"] for h in history) + time.time() - t_eval)
             self.store.save_model("backdoor", key, model, {
-                **cell.backdoor_ident(), **ev, "wall_time_s": time.time() - t0,
-                "numerics": numerics(self.device, trainer.bf16),
+                **cell.backdoor_ident(), **ev, "wall_time_s": wall, "numerics": nums, "history": history,
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
         return self.load_backdoored(cell)
 

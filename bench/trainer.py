@@ -21,8 +21,12 @@ Work is counted in samples through forward+backward (``train_samples``) and forw
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,6 +34,59 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageSet
+
+log = logging.getLogger("bench.train")
+
+#: a named training logs its epochs at INFO once an epoch takes this long (long trainings show
+#: progress; a quick matrix's second-long epochs stay at DEBUG, in the cell's log file only if asked)
+PROGRESS_EPOCH_S = 10.0
+
+
+@dataclass
+class Checkpoint:
+    """Where :meth:`Trainer.fit` keeps its state during a long training, so that a training killed at
+    epoch 99 of 100 resumes at epoch 100 instead of 0.  The state is the model, the optimizer, the lr
+    schedule's position, the data-order generator and the epoch; a resumed training gives the same
+    weights as an uninterrupted one.  The file is written atomically, at most every ``every_s``
+    seconds (and never in the last epoch), and removed when the training ends.  ``tag`` (e.g. the
+    numerics) must match for a saved state to be used: a state from another device or thread count
+    is discarded and the training starts over."""
+
+    path: Path
+    #: seconds between two writes; 0 writes after every epoch
+    every_s: float = 60.0
+    tag: str = ""
+    _last: float = field(default=0.0, repr=False)
+
+    def load(self) -> dict | None:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001 (a truncated or foreign file: start over)
+            log.warning("ignoring unreadable training checkpoint %s (%s)", self.path, e)
+            return None
+        if not isinstance(state, dict) or state.get("tag") != self.tag:
+            log.warning("ignoring training checkpoint %s from other numerics (%s)", self.path,
+                        state.get("tag") if isinstance(state, dict) else "?")
+            return None
+        return state
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every_s
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({**state, "tag": self.tag}, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -210,13 +267,19 @@ class Trainer:
             augment: bool = True, extra_augment: Callable | None = None, freeze_bn: bool = False,
             on_epoch: Callable | None = None, seed: int = 0, recipe: Recipe | None = None,
             optimizer: torch.optim.Optimizer | None = None,
-            lr_at_epoch: Callable[[int], float] | None = None) -> nn.Module:
+            lr_at_epoch: Callable[[int], float] | None = None, checkpoint: Checkpoint | None = None,
+            name: str | None = None, history: list | None = None) -> nn.Module:
         """Train ``model`` in place on ``data[indices]`` (default: all) and return it.
 
         ``optimizer``: continue with this optimizer (its momentum buffers are kept) instead of a
         new one; build it on the prepared model, e.g. ``trainer.optimizer(trainer.prepare(m))``.
         ``lr_at_epoch``: the lr of each epoch (0-based) as an absolute value, set at the start of
         the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
+        ``checkpoint``: resume from and save to a :class:`Checkpoint` (a training of the harness's
+        own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, the
+        epoch's first lr, seconds) under this name, at INFO when epochs take
+        :data:`PROGRESS_EPOCH_S` or more, else at DEBUG.  ``history``: a list
+        that receives those per-epoch records.
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
@@ -233,7 +296,23 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] = r.lr
             sched = self.scheduler(opt, r, steps)
-        for epoch in range(r.epochs):
+        start = 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(saved["scheduler"])
+            gen.set_state(saved["generator"])
+            start, self.train_samples = saved["epoch"] + 1, self.train_samples + saved["train_samples"]
+            if history is not None:
+                history.extend(saved.get("history", []))
+            log.info("%s: resumed at epoch %d of %d from %s", name or "training", start + 1, r.epochs,
+                     checkpoint.path)
+        records = list(history) if history is not None else []
+        samples_before = self.train_samples - (saved["train_samples"] if saved else 0)
+        for epoch in range(start, r.epochs):
+            t0, loss_sum, seen = time.monotonic(), torch.zeros((), device=self.device), 0
             if lr_at_epoch is not None:
                 for g in opt.param_groups:
                     g["lr"] = float(lr_at_epoch(epoch))
@@ -247,11 +326,30 @@ class Trainer:
                 idx = order[b * r.batch_size:(b + 1) * r.batch_size]
                 x, y = self.load_batch(data, idx, gen, augment, extra_augment, r)
                 w = None if w_all is None else w_all[idx.to(self.device)]
-                self.step(model, opt, self.loss(model, x, y, idx, w, loss_fn), len(idx))
+                lr_now = opt.param_groups[0]["lr"] if b == 0 else lr_now
+                loss = self.loss(model, x, y, idx, w, loss_fn)
+                self.step(model, opt, loss, len(idx))
+                loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step
+                seen += len(idx)
                 if sched is not None:
                     sched.step()
+            record = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, seen), "lr": lr_now,
+                      "seconds": time.monotonic() - t0}
+            records.append(record)
+            if history is not None:
+                history.append(record)
+            loud = name is not None and record["seconds"] >= PROGRESS_EPOCH_S
+            log.log(logging.INFO if loud else logging.DEBUG, "%s: epoch %d/%d loss %.4f lr %.4g (%.1fs)",
+                    name or "fit", epoch + 1, r.epochs, record["loss"], lr_now, record["seconds"])
             if on_epoch is not None:
                 on_epoch(epoch, model)
+            if checkpoint is not None and epoch + 1 < r.epochs and checkpoint.due():
+                checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict() if sched is not None else None,
+                                 "generator": gen.get_state(), "epoch": epoch,
+                                 "train_samples": self.train_samples - samples_before, "history": records})
+        if checkpoint is not None:
+            checkpoint.clear()
         model.eval()
         return model
 
