@@ -53,7 +53,12 @@ def cmd_run(args) -> int:
 
     matrix, runner = _setup(args)
     try:
-        slots = parse_devices(args.devices or args.device, args.jobs_per_device)
+        if args.executor == "ray":  # the Ray cluster's resources decide, not this machine's devices
+            from .ray_executor import ray_slots
+
+            slots = ray_slots(args.devices or args.device, args.jobs_per_device, args.threads)
+        else:
+            slots = parse_devices(args.devices or args.device, args.jobs_per_device)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if args.threads < 0:

@@ -1,16 +1,28 @@
 """Ray executor: every backdoored model and every cell is a Ray task.
 
-A task asks for one GPU when the slots are CUDA devices (``--devices cuda``) and for as many CPUs
-as a slot has threads otherwise.  On a cluster, start Ray (``ray start --head`` / ``--address``),
+The Ray cluster's resources decide where tasks run, not this machine's devices (a head node
+without a GPU can drive a GPU cluster): with ``--devices auto`` tasks use GPUs when the cluster has
+any, ``--devices cuda`` requires them and ``--devices cpu`` never uses them.  A GPU task asks for
+``1 / --jobs-per-device`` of a GPU, so that many tasks share one; a CPU task asks for as many CPUs
+as ``--threads`` (default 1).  Each worker process keeps one runner per setting, so a dataset is
+loaded once per worker, not once per task.  A task whose worker dies is retried
+(:data:`MAX_RETRIES`): the store's writes are atomic and idempotent.  On a cluster, start Ray (``ray start --head`` / ``--address``),
 set ``RAY_ADDRESS``, and point ``--output`` at a filesystem every node sees: the artifact store is
 the only channel between tasks, and its atomic writes and file locks make concurrent tasks safe.
 Without ``RAY_ADDRESS`` a local Ray instance is started.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
+
+#: retries of a task whose worker died (an out-of-memory kill, a lost node)
+MAX_RETRIES = 2
+
+#: per worker process: one runner per setting, so its datasets stay loaded between tasks
+_RUNNERS: dict = {}
 
 
 def _task(kind, cell, store_root, data_root, trainer_options, device, threads, save_models=False):
@@ -21,9 +33,41 @@ def _task(kind, cell, store_root, data_root, trainer_options, device, threads, s
     from .store import Store
 
     torch.set_num_threads(threads)
-    runner = Runner(Store(store_root), device=device, data_root=data_root, trainer_options=trainer_options,
-                    save_models=save_models)
-    return _run_task(runner, kind, cell, True)  # Ray schedules each task once: wait for a held lock
+    key = json.dumps([store_root, data_root, trainer_options, device, save_models], sort_keys=True, default=str)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = Runner(Store(store_root), device=device, data_root=data_root,
+                               trainer_options=trainer_options, save_models=save_models)
+    return _run_task(_RUNNERS[key], kind, cell, True)  # Ray schedules each task once: wait for a held lock
+
+
+def _connect(num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # workers import what this process can (a user's own defense module included)
+            path = os.pathsep.join(p for p in sys.path if p)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return ray
+
+
+def ray_slots(spec: str, jobs_per_device: int, threads: int):
+    """Nominal slots for ``--executor ray``: one kind of device, chosen from the cluster's resources."""
+    from .schedule import Slot
+
+    try:
+        ray = _connect()
+    except ImportError as e:
+        raise ValueError("--executor ray needs Ray: pip install -e '.[ray]'") from e
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if spec.startswith("cuda") and not gpus:
+        raise ValueError(f"--devices {spec}: the Ray cluster has no GPU")
+    device = "cuda" if gpus and spec != "cpu" else "cpu"
+    return [Slot(device, threads or 1) for _ in range(jobs_per_device)]
 
 
 def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:
@@ -33,19 +77,13 @@ def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:
         raise RuntimeError("--executor ray needs Ray: pip install -e '.[ray]'") from e
     gpu = any(s.device.startswith("cuda") for s in slots)
     threads = slots[0].threads
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # workers import what this process can (a user's own defense module included)
-            path = os.pathsep.join(p for p in sys.path if p)
-            ray.init(num_cpus=sum(s.threads for s in slots), num_gpus=len(slots) if gpu else 0,
-                     include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
-    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else threads, max_retries=0)(_task)
+    _connect(num_cpus=None if gpu else sum(s.threads for s in slots))
+    # slots of one device share it: --jobs-per-device tasks per GPU
+    per_gpu = max(1, len(slots) // max(1, len({s.device for s in slots})))
+    remote = ray.remote(num_gpus=1 / per_gpu if gpu else 0, num_cpus=0 if gpu else threads,
+                        max_retries=MAX_RETRIES)(_task)
     args = (str(runner.store.root.resolve()), runner.data_root, runner.trainer_options,
-            "cuda" if gpu else "cpu", threads, runner.save_models)
+            "cuda" if gpu else "cpu", threads, runner.save_models)  # Ray sets each task's visible GPU
 
     pending = {}
     for key, c in p.backdoors.items():

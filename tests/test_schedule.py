@@ -63,10 +63,16 @@ def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
     m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2},
                                  defenses=["undefended", "test_runner:Spy"]))
     runner = Runner(Store(tmp_path))
+    from bench.ray_executor import ray_slots
+
     try:
-        outcomes = execute(plan(m.cells, runner), runner, parse_devices("cpu", 2), progress=None, executor="ray")
+        slots = ray_slots("auto", 2, 1)  # the cluster's resources decide: this one has no GPU
+        with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
+            ray_slots("cuda", 1, 1)
+        outcomes = execute(plan(m.cells, runner), runner, slots, progress=None, executor="ray")
     finally:
         ray.shutdown()
+    assert [s.device for s in slots] == ["cpu", "cpu"]
     assert [o.status for o in outcomes] == ["done", "done"]
     assert len(list((tmp_path / "backdoor").iterdir())) == 1  # shared by both cells
 
