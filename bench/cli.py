@@ -106,7 +106,17 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
-    outcomes = execute(p, runner, slots, executor=args.executor)
+    slurm = None
+    if args.executor == "slurm":
+        from .slurm_executor import SlurmOptions
+
+        for flag, value, low in (("--slurm-time", args.slurm_time, 1), ("--slurm-gpus", args.slurm_gpus, 0),
+                                 ("--slurm-cpus", args.slurm_cpus, 1), ("--cells-per-job", args.cells_per_job, 1)):
+            if value < low:
+                raise ConfigError(f"{flag}: {value} is out of range; allowed: >= {low}")
+        slurm = SlurmOptions(cluster=args.slurm_cluster, partition=args.slurm_partition, time_min=args.slurm_time,
+                             gpus=args.slurm_gpus, cpus=args.slurm_cpus, cells_per_job=args.cells_per_job)
+    outcomes = execute(p, runner, slots, executor=args.executor, slurm=slurm)
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     cached = sum(o.status == "cached" for o in outcomes)
@@ -289,8 +299,18 @@ def main(argv=None) -> int:
     common(r)
     r.add_argument("--devices", help="device slots: auto | cpu | cuda | cuda:0,cuda:1 (default: --device)")
     r.add_argument("--jobs-per-device", type=int, default=1, help="worker processes per device (default 1)")
-    r.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local worker processes (default) or Ray tasks (pip install -e '.[ray]')")
+    r.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local worker processes (default), Ray tasks (pip install -e '.[ray]') or SLURM jobs "
+                        "through submitit (pip install -e '.[slurm]')")
+    r.add_argument("--slurm-cluster", choices=["auto", "slurm", "local", "debug"], default="auto",
+                   help="submitit backend for --executor slurm: slurm, local subprocesses or debug (in process); "
+                        "auto: slurm where sbatch exists")
+    r.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
+    r.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per job (default 1440)")
+    r.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1; 0 for CPU jobs)")
+    r.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
+    r.add_argument("--cells-per-job", type=int, default=16,
+                   help="about this many cells per job; a poisoned set is never split (default 16)")
     r.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per worker (default: the CPU's cores divided among workers)")
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",

@@ -615,8 +615,11 @@ def _backdoor_ee(runner, key: str) -> float | None:
 
 # --- execution -------------------------------------------------------------------------------
 
-def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, executor: str = "local"):
-    """Run the plan; returns one :class:`~bench.runner.CellOutcome` per cell, in matrix order."""
+def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, executor: str = "local",
+            slurm=None):
+    """Run the plan; returns one :class:`~bench.runner.CellOutcome` per cell, in matrix order.
+    ``executor``: ``local`` (this process, or worker processes for several slots), ``ray``, or
+    ``slurm`` (``slurm``: a :class:`~bench.slurm_executor.SlurmOptions`)."""
     from .runner import CellOutcome
 
     outcomes: dict[int, CellOutcome] = {}
@@ -666,7 +669,11 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         key = digest(c.backdoor_ident())
         (waiting[key] if key in p.backdoors else ready).append(c)
 
-    if executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
+    if executor == "slurm":
+        from .slurm_executor import SlurmOptions, run_slurm
+
+        run_slurm(p, runner, slurm or SlurmOptions(), finish, prog)
+    elif executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
         # Work another process holds is skipped and revisited at the end (then waiting for it), so
         # several `bench run` of one matrix on one store split the cells instead of queueing.
         held_cells, held_backdoors = [], []
