@@ -159,9 +159,17 @@ class Attack(Registered):
         cp = cp[torch.randperm(len(cp), generator=gen)][:n_cover]
         return pp.sort().values, cp.sort().values
 
-    def poison(self, train: ImageSet, seed: int = 0) -> PoisonedSet:
+    def poison(self, train: ImageSet, seed: int = 0, indices: tuple | None = None) -> PoisonedSet:
+        """The poisoned training set.  ``indices`` = (poison, cover) index lists replace the seeded
+        draw (a model poisoned elsewhere); the draw still runs first so the trigger's own random
+        stream is the same either way."""
         gen = torch.Generator().manual_seed(seed)
         p_idx, c_idx = self.select(train.y, gen)
+        if indices is not None:
+            p_idx, c_idx = (torch.as_tensor(list(i), dtype=torch.long) for i in indices)
+            if len(p_idx) and int(p_idx.max()) >= len(train.y) or len(c_idx) and int(c_idx.max()) >= len(train.y):
+                raise ValueError(f"poison indices go up to {max(p_idx.tolist() + c_idx.tolist())}, but the "
+                                 f"training set has {len(train.y)} images")
         x, y = train.x.clone(), train.y.clone()
         if len(p_idx):
             x[p_idx] = self.poison_images(train.x[p_idx], gen)

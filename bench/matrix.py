@@ -48,7 +48,27 @@ HARNESS_VERSION = 1
 MAX_SEED = 2**31 - 1
 
 TOP_LEVEL = {"name", "description", "data_root", "output", "seeds", "datasets", "models", "recipe",
-             "reserve_ratio", "attacks", "defenses", "evaluate"}
+             "reserve_ratio", "attacks", "defenses", "evaluate", "backdoored_models"}
+EXTERNAL_FIELDS = {"attack", "seed", "dataset", "model", "weights", "poison_indices"}
+
+
+@dataclass(frozen=True)
+class ExternalBackdoor:
+    """A backdoored model trained outside the harness: its weights (a state dict as ``.safetensors``
+    or ``.pt``) and the training samples it was poisoned on.  The poisoned set applies the attack's
+    trigger to exactly those indices (instead of the attack's seeded draw), and the model replaces
+    the undefended training; repair defenses then start from it."""
+
+    weights: str
+    weights_sha256: str
+    poison_idx: tuple[int, ...]
+    cover_idx: tuple[int, ...] = ()
+
+    def ident(self) -> dict:
+        import hashlib
+
+        idx = hashlib.sha256(repr((self.poison_idx, self.cover_idx)).encode()).hexdigest()[:24]
+        return {"poison_indices": idx, "weights_sha256": self.weights_sha256}
 DATASET_FIELDS = {"name", "train_limit", "test_limit", "recipe"}
 
 
@@ -78,15 +98,23 @@ class Cell:
     data_root: str | None = None
     #: extra evaluations of the defended model (``evaluate`` in the matrix), e.g. natural backdoors
     evaluations: tuple = ()
+    #: a backdoored model trained elsewhere (``backdoored_models`` in the matrix)
+    external: ExternalBackdoor | None = None
 
     # --- identities ---------------------------------------------------------------------------
     def poison_ident(self) -> dict:
-        return {"harness": HARNESS_VERSION, "dataset": self.dataset.ident(), "seed": self.seed,
-                "attack": self.attack.key, "attack_version": self.attack.version,
-                "attack_params": params_of(self.attack)}
+        ident = {"harness": HARNESS_VERSION, "dataset": self.dataset.ident(), "seed": self.seed,
+                 "attack": self.attack.key, "attack_version": self.attack.version,
+                 "attack_params": params_of(self.attack)}
+        if self.external is not None:  # only then, so every other cell keeps its key
+            ident["poison_indices"] = self.external.ident()["poison_indices"]
+        return ident
 
     def backdoor_ident(self) -> dict:
-        return {**self.poison_ident(), "model": self.model, "recipe": self.recipe.as_dict()}
+        ident = {**self.poison_ident(), "model": self.model, "recipe": self.recipe.as_dict()}
+        if self.external is not None:
+            ident["external_weights"] = self.external.weights_sha256
+        return ident
 
     def result_ident(self) -> dict:
         ident = {**self.backdoor_ident(), "defense": self.defense.key,
@@ -255,6 +283,7 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         for p in _expand_sweep(params, where):
             attack = _labelled(build(cls, p, where), tag, p, params)
             attack.matrix_field = where  # names the entry in messages about data it does not fit
+            attack.matrix_entry = i
             attacks.append((attack, where))
 
     defenses = []
@@ -293,11 +322,79 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         if not items:
             raise ConfigError(f"{key}: empty list; a matrix needs at least one entry in each of datasets, "
                               f"models, attacks, defenses and seeds")
-    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations))
+    externals = _externals(raw.get("backdoored_models", []), datasets, models, attacks, seeds)
+    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations),
+                  externals.get((spec.name, model, attack.matrix_entry, seed)))
              for (spec, recipe), model, (attack, _), defense, seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]
     return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
                   raw.get("description", ""), raw)
+
+
+def _read_indices(path: Path, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``poison_indices``: JSON, a list of indices or ``{"poison_idx": [...], "cover_idx": [...]}``
+    (the harness's own ``poison/<key>/indices.json`` has this form)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: cannot read '{path}' as JSON ({' '.join(str(e).split())})") from None
+    poison, cover = (data, []) if isinstance(data, list) else (data.get("poison_idx"), data.get("cover_idx", []))
+    for name, idx in (("poison_idx", poison), ("cover_idx", cover)):
+        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in idx):
+            raise ConfigError(f"{where}: '{path}': {name} must be a list of non-negative integers")
+        if len(set(idx)) != len(idx):
+            raise ConfigError(f"{where}: '{path}': {name} lists an index twice")
+    if set(poison) & set(cover):
+        raise ConfigError(f"{where}: '{path}': an index is both poisoned and a cover")
+    return tuple(sorted(poison)), tuple(sorted(cover))
+
+
+def _externals(items, datasets, models, attacks, seeds) -> dict:
+    """``backdoored_models`` entries -> {(dataset, model, attack entry, seed): ExternalBackdoor}."""
+    from .store import sha256_file
+
+    out = {}
+    for i, item in enumerate(_as_list(items, "backdoored_models")):
+        where = f"backdoored_models[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping with {', '.join(sorted(EXTERNAL_FIELDS))}")
+        for k in item:
+            if k not in EXTERNAL_FIELDS:
+                raise ConfigError(f"{where}.{k}: unknown field{closest(k, EXTERNAL_FIELDS)}; "
+                                  f"allowed: {', '.join(sorted(EXTERNAL_FIELDS))}")
+        for k in ("attack", "weights", "poison_indices"):
+            if k not in item:
+                raise ConfigError(f"{where}.{k}: missing")
+        entry = item["attack"]
+        expanded = [a for a, _ in attacks if a.matrix_entry == entry]
+        if not isinstance(entry, int) or not expanded:
+            raise ConfigError(f"{where}.attack: expected the index of an entry in attacks (0..{len(attacks) - 1}), "
+                              f"got {entry!r}")
+        if len(expanded) > 1:
+            raise ConfigError(f"{where}.attack: attacks[{entry}] is a sweep; one model fits one attack setting")
+        names = {"dataset": [s.name for s, _ in datasets], "model": list(models)}
+        picked = {}
+        for k, allowed in names.items():
+            v = item.get(k, allowed[0] if len(allowed) == 1 else None)
+            if v not in allowed:
+                raise ConfigError(f"{where}.{k}: {'missing' if v is None else repr(v)}; allowed: {', '.join(allowed)}")
+            picked[k] = v
+        seed = item.get("seed", seeds[0] if len(seeds) == 1 else None)
+        if seed not in seeds:
+            raise ConfigError(f"{where}.seed: {'missing' if seed is None else repr(seed)}; allowed: "
+                              f"{', '.join(map(str, seeds))}")
+        weights = Path(str(item["weights"])).expanduser()
+        if not weights.is_file():
+            raise ConfigError(f"{where}.weights: '{weights}' does not exist")
+        poison, cover = _read_indices(Path(str(item["poison_indices"])).expanduser(), f"{where}.poison_indices")
+        key = (picked["dataset"], picked["model"], entry, seed)
+        if key in out:
+            raise ConfigError(f"{where}: a second model for attacks[{entry}], seed {seed} on {key[0]}/{key[1]}")
+        out[key] = ExternalBackdoor(str(weights), sha256_file(weights), poison, cover)
+    return out
 
 
 class MatrixLoader(yaml.SafeLoader):

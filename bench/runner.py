@@ -143,7 +143,9 @@ class Runner:
         key = digest(cell.poison_ident())
         if key not in self._poisoned:
             ds = self.dataset(cell)
-            p = cell.attack.poison(ds.train, seed=cell.seed)
+            ext = cell.external
+            p = cell.attack.poison(ds.train, seed=cell.seed,
+                                   indices=(ext.poison_idx, ext.cover_idx) if ext is not None else None)
             t = cell.attack.test_set(ds.test)
             rec = self.store.dir("poison", key) / "indices.json"
             if not rec.exists():
@@ -177,6 +179,9 @@ class Runner:
                 return model
             poisoned, trig = self.poisoned(cell)
             trainer = self.trainer(cell)
+            if cell.external is not None:
+                self._import_backdoored(cell, key, model, trainer, ds, trig)
+                return self.load_backdoored(cell)
             log.info("training backdoored model %s", cell.label)
             t0 = time.time()
             nums = numerics(self.device, trainer.bf16)
@@ -193,6 +198,34 @@ class Runner:
                 **cell.backdoor_ident(), **ev, "wall_time_s": wall, "numerics": nums, "history": history,
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
         return self.load_backdoored(cell)
+
+    def _import_backdoored(self, cell: Cell, key: str, model, trainer: Trainer, ds: Dataset, trig) -> None:
+        """Store a backdoored model trained elsewhere (``backdoored_models`` in the matrix) as this
+        cell's, after checking its file against the checksum the matrix recorded."""
+        from .store import sha256_file
+
+        ext = cell.external
+        path = ext.weights
+        if sha256_file(path) != ext.weights_sha256:
+            raise ValueError(f"'{path}' changed since the matrix was read; run again")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"'{path}' is not a state dict of {cell.model} for {cell.dataset.name} "
+                             f"({' '.join(str(e).split())[:300]})") from None
+        model = model.to(self.device)
+        ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
+        log.info("imported backdoored model %s from %s: ACC %.1f ASR %.1f", cell.label, path, 100 * ev["acc"],
+                 100 * ev["asr"])
+        self.store.save_model("backdoor", key, model, {
+            **cell.backdoor_ident(), **ev, "external": path, "wall_time_s": 0.0, "epoch_equivalents": 0.0,
+            "numerics": numerics(self.device, trainer.bf16)})
 
     def load_backdoored(self, cell: Cell):
         ds = self.dataset(cell)
