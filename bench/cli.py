@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -64,8 +65,22 @@ def cmd_run(args) -> int:
     if args.threads < 0:
         raise ConfigError(f"--threads: {args.threads} is out of range; allowed: >= 1, or 0 for the CPU's cores "
                           f"divided among workers")
-    if args.threads:
-        slots = [type(s)(s.device, args.threads) for s in slots]
+    threads, why = args.threads, "--threads"
+    if not threads and os.environ.get("BENCH_THREADS"):
+        try:
+            threads, why = int(os.environ["BENCH_THREADS"]), "$BENCH_THREADS"
+        except ValueError:
+            raise ConfigError(f"$BENCH_THREADS: {os.environ['BENCH_THREADS']!r} is not an integer") from None
+        if threads < 1:
+            raise ConfigError(f"$BENCH_THREADS: {threads} is out of range; allowed: >= 1")
+    if threads:
+        slots = [type(s)(s.device, threads) for s in slots]
+    else:
+        why = f"{os.cpu_count()} cores / {len(slots)} worker(s)"
+    if slots[0].device == "cpu":  # several processes on one machine must not oversubscribe it
+        print(f"CPU threads per worker: {slots[0].threads} ({why}; set --threads or $BENCH_THREADS when other "
+              f"jobs share these cores)", file=sys.stderr)
+    runner.checkpoint_every_s = args.checkpoint_every
     runner.device = slots[0].device
     if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
         torch.set_num_threads(slots[0].threads)
@@ -312,7 +327,11 @@ def main(argv=None) -> int:
     r.add_argument("--cells-per-job", type=int, default=16,
                    help="about this many cells per job; a poisoned set is never split (default 16)")
     r.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per worker (default: the CPU's cores divided among workers)")
+                   help="torch CPU threads per worker (default: $BENCH_THREADS, else the CPU's cores divided "
+                        "among workers)")
+    r.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
+                   help="save a backdoored model's training state at most this often, to resume a killed run "
+                        "(default 120; 0: after every epoch)")
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",
                    help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")

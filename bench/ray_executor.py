@@ -25,7 +25,7 @@ MAX_RETRIES = 2
 _RUNNERS: dict = {}
 
 
-def _task(kind, cell, store_root, data_root, trainer_options, device, threads, save_models=False):
+def _task(kind, cell, store_root, options, device, threads):
     import torch
 
     from .runner import Runner
@@ -33,10 +33,9 @@ def _task(kind, cell, store_root, data_root, trainer_options, device, threads, s
     from .store import Store
 
     torch.set_num_threads(threads)
-    key = json.dumps([store_root, data_root, trainer_options, device, save_models], sort_keys=True, default=str)
+    key = json.dumps([store_root, options, device], sort_keys=True, default=str)
     if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(Store(store_root), device=device, data_root=data_root,
-                               trainer_options=trainer_options, save_models=save_models)
+        _RUNNERS[key] = Runner(Store(store_root), device=device, **options)
     return _run_task(_RUNNERS[key], kind, cell, True)  # Ray schedules each task once: wait for a held lock
 
 
@@ -82,8 +81,8 @@ def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:
     per_gpu = max(1, len(slots) // max(1, len({s.device for s in slots})))
     remote = ray.remote(num_gpus=1 / per_gpu if gpu else 0, num_cpus=0 if gpu else threads,
                         max_retries=MAX_RETRIES)(_task)
-    args = (str(runner.store.root.resolve()), runner.data_root, runner.trainer_options,
-            "cuda" if gpu else "cpu", threads, runner.save_models)  # Ray sets each task's visible GPU
+    args = (str(runner.store.root.resolve()), runner.options(), "cuda" if gpu else "cpu",
+            threads)  # Ray sets each task's visible GPU
 
     pending = {}
     for key, c in p.backdoors.items():

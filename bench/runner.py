@@ -17,11 +17,13 @@ Artifacts in the store (see :mod:`bench.store`):
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,7 +35,7 @@ from . import metrics
 from .data import Dataset, ImageSet, load_dataset
 from .matrix import Cell, Matrix
 from .models import ModelFactory, build_model
-from .store import Store, atomic_write_json, digest
+from .store import Store, atomic_write_bytes, atomic_write_json, digest
 from .trainer import Checkpoint, Trainer
 
 log = logging.getLogger("bench")
@@ -129,6 +131,12 @@ class Runner:
     #: training resumes from the last one
     checkpoint_every_s: float = 120.0
     _datasets: dict = field(default_factory=dict)
+
+    def options(self) -> dict:
+        """What a worker process needs to build the same runner (besides the store and its device)."""
+        root = str(Path(self.data_root).expanduser().resolve()) if self.data_root else None  # for other nodes
+        return {"data_root": root, "trainer_options": self.trainer_options,
+                "save_models": self.save_models, "checkpoint_every_s": self.checkpoint_every_s}
     _poisoned: dict = field(default_factory=dict)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -194,6 +202,8 @@ class Runner:
             ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
             # a resumed training's time is its epochs' (this process ran only the last ones) plus the evaluation
             wall = max(time.time() - t0, sum(h["seconds"] for h in history) + time.time() - t_eval)
+            atomic_write_bytes(self.store.dir("backdoor", key) / "metrics.jsonl",
+                               "".join(json.dumps(h) + "\n" for h in history).encode())
             self.store.save_model("backdoor", key, model, {
                 **cell.backdoor_ident(), **ev, "wall_time_s": wall, "numerics": nums, "history": history,
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})

@@ -548,7 +548,7 @@ def _worker_sigterm(signum, frame):
     os._exit(128 + signum)
 
 
-def _init_worker(slots, store_root, data_root, trainer_options, save_models=False):
+def _init_worker(slots, store_root, options):
     global _WORKER_RUNNER
     from .runner import Runner
     from .store import Store
@@ -559,8 +559,7 @@ def _init_worker(slots, store_root, data_root, trainer_options, save_models=Fals
     slot = slots.get()
     torch.set_num_threads(slot.threads)
     logging.getLogger("bench").setLevel(logging.INFO)
-    _WORKER_RUNNER = Runner(Store(store_root), device=slot.device, data_root=data_root,
-                            trainer_options=trainer_options, save_models=save_models)
+    _WORKER_RUNNER = Runner(Store(store_root), device=slot.device, **options)
 
 
 def _worker_task(kind, cell, wait=False):
@@ -726,8 +725,7 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         for s in slots:
             queue.put(s)
         pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
-                                   initargs=(queue, str(runner.store.root), runner.data_root,
-                                             runner.trainer_options, runner.save_models))
+                                   initargs=(queue, str(runner.store.root), runner.options()))
         try:
             futures, held = {}, []
             for key, c in p.backdoors.items():

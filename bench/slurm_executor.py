@@ -58,7 +58,7 @@ def jobs_of(p, cells_per_job: int) -> list[list[tuple[str, object]]]:
     return jobs
 
 
-def _job(tasks, store_root, data_root, trainer_options, device, threads, save_models):
+def _job(tasks, store_root, options, device, threads):
     """One job: its tasks in order; a cell whose backdoored model failed is failed with it.  Returns
     ``(kind, position, status, payload, traceback, seconds)`` per task."""
     import torch
@@ -68,8 +68,7 @@ def _job(tasks, store_root, data_root, trainer_options, device, threads, save_mo
     from .store import Store
 
     torch.set_num_threads(threads)
-    runner = Runner(Store(store_root), device=device, data_root=data_root, trainer_options=trainer_options,
-                    save_models=save_models)
+    runner = Runner(Store(store_root), device=device, **options)
     out, broken = [], {}
     for i, (kind, cell) in enumerate(tasks):
         key = digest(cell.backdoor_ident())
@@ -98,8 +97,7 @@ def run_slurm(p, runner, options: SlurmOptions, finish, prog) -> None:
             params["slurm_partition"] = options.partition
     ex.update_parameters(name="bench", **params)
     device = "cuda" if options.gpus and ex.cluster == "slurm" else "cpu"
-    args = (str(runner.store.root.resolve()), runner.data_root, runner.trainer_options, device, options.cpus,
-            runner.save_models)
+    args = (str(runner.store.root.resolve()), runner.options(), device, options.cpus)
     packed = jobs_of(p, options.cells_per_job)
     jobs = [ex.submit(_job, tasks, *args) for tasks in packed]
     tasks_of = {id(j): tasks for j, tasks in zip(jobs, packed)}

@@ -50,3 +50,46 @@ def test_a_checkpoint_from_other_numerics_is_ignored(tmp_path):
     assert Checkpoint(tmp_path / "c.pt", tag="threads 1").load() is None
     (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
     assert Checkpoint(tmp_path / "c.pt", tag="").load() is None
+
+
+def test_sigkill_mid_training_then_rerun_resumes_with_the_same_final_metrics(tmp_path, python_env):
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from conftest import TINY_RECIPE, matrix_dict
+
+    env, py = python_env
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(matrix_dict(recipe={**TINY_RECIPE, "epochs": 30})))
+
+    def cmd(out):
+        return [py, "-m", "bench", "run", str(path), "--output", str(out), "--report-dir", str(tmp_path / "rep"),
+                "--threads", "1", "--checkpoint-every", "0"]
+
+    proc = subprocess.Popen(cmd(tmp_path / "runs"), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = tmp_path / "runs" / "partial"
+    deadline = time.time() + 120
+    while not (partial.exists() and any(partial.glob("*.pt"))) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)  # a few more epochs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(partial.glob("*.pt")), "no checkpoint was written before the kill"
+    resumed = subprocess.run(cmd(tmp_path / "runs"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at epoch" in resumed.stderr and not any(partial.glob("*.pt"))
+    straight = subprocess.run(cmd(tmp_path / "ref"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr
+
+    def metrics(out):
+        [row] = [json.loads(p.read_text()) for p in (out / "results").glob("*.json")]
+        return row["acc"], row["asr"]
+
+    assert metrics(tmp_path / "runs") == metrics(tmp_path / "ref")
