@@ -38,7 +38,7 @@ import torch
 from bench.data import ImageSet
 from defenses.base import Defense, DefenseContext, Outcome
 
-from .enhance import ENHANCEMENTS, EnhanceConfig, Observer, enhance
+from .enhance import EnhanceConfig, Observer, enhance
 from .identify import identify, rule
 from .score import ScoreConfig, calibrate_eps
 

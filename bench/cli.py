@@ -77,9 +77,9 @@ def cmd_run(args) -> int:
         slots = [type(s)(s.device, threads) for s in slots]
     else:
         why = f"{os.cpu_count()} cores / {len(slots)} worker(s)"
-    if slots[0].device == "cpu":  # several processes on one machine must not oversubscribe it
-        print(f"CPU threads per worker: {slots[0].threads} ({why}; set --threads or $BENCH_THREADS when other "
-              f"jobs share these cores)", file=sys.stderr)
+    # said once the inputs are checked: several processes on one machine must not oversubscribe it
+    args.threads_note = (f"CPU threads per worker: {slots[0].threads} ({why}; set --threads or $BENCH_THREADS "
+                         f"when other jobs share these cores)") if slots[0].device == "cpu" else None
     runner.checkpoint_every_s = args.checkpoint_every
     runner.device = slots[0].device
     if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
@@ -121,6 +121,8 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
+    if getattr(args, "threads_note", None) and p.todo:
+        print(args.threads_note, file=sys.stderr)
     slurm = None
     if args.executor == "slurm":
         from .slurm_executor import SlurmOptions

@@ -39,7 +39,6 @@ Cost is counted in image passes: ``forward`` (every image through the model) and
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar

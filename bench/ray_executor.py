@@ -69,41 +69,47 @@ def ray_slots(spec: str, jobs_per_device: int, threads: int):
     return [Slot(device, threads or 1) for _ in range(jobs_per_device)]
 
 
-def run_ray(p, runner, slots, waiting, ready, finish, prog) -> None:
-    try:
-        import ray
-    except ImportError as e:
-        raise RuntimeError("--executor ray needs Ray: pip install -e '.[ray]'") from e
-    gpu = any(s.device.startswith("cuda") for s in slots)
-    threads = slots[0].threads
-    _connect(num_cpus=None if gpu else sum(s.threads for s in slots))
-    # slots of one device share it: --jobs-per-device tasks per GPU
-    per_gpu = max(1, len(slots) // max(1, len({s.device for s in slots})))
-    remote = ray.remote(num_gpus=1 / per_gpu if gpu else 0, num_cpus=0 if gpu else threads,
-                        max_retries=MAX_RETRIES)(_task)
-    args = (str(runner.store.root.resolve()), runner.options(), "cuda" if gpu else "cpu",
-            threads)  # Ray sets each task's visible GPU
+class RayExecutor:
+    """Tasks as Ray tasks (the protocol of :func:`bench.schedule.drive`)."""
 
-    pending = {}
-    for key, c in p.backdoors.items():
-        pending[remote.remote("backdoor", c, *args)] = ("backdoor", key, c)
-    for c in ready:
-        pending[remote.remote("cell", c, *args)] = ("cell", None, c)
-    while pending:
-        prog.running = min(len(pending), len(slots))
-        done, _ = ray.wait(list(pending), num_returns=1)
+    def __init__(self, runner, slots):
+        try:
+            import ray
+        except ImportError as e:
+            raise RuntimeError("--executor ray needs Ray: pip install -e '.[ray]'") from e
+        self.ray = ray
+        gpu = any(s.device.startswith("cuda") for s in slots)
+        threads = slots[0].threads
+        _connect(num_cpus=None if gpu else sum(s.threads for s in slots))
+        # slots of one device share it: --jobs-per-device tasks per GPU
+        per_gpu = max(1, len(slots) // max(1, len({s.device for s in slots})))
+        self.remote = ray.remote(num_gpus=1 / per_gpu if gpu else 0, num_cpus=0 if gpu else threads,
+                                 max_retries=MAX_RETRIES)(_task)
+        self.args = (str(runner.store.root.resolve()), runner.options(), "cuda" if gpu else "cpu",
+                     threads)  # Ray sets each task's visible GPU
+        self.slots = len(slots)
+        self.pending = {}
+
+    def submit(self, tag, kind, cell, wait):
+        self.pending[self.remote.remote(kind, cell, *self.args)] = tag
+
+    def wait_any(self):
+        if not self.pending:
+            return []
+        done, _ = self.ray.wait(list(self.pending), num_returns=1)
+        out = []
         for ref in done:
-            kind, key, c = pending.pop(ref)
             try:
-                status, payload, tb, dt = ray.get(ref)
-            except Exception as e:  # the task or its worker died
-                status, payload, tb, dt = "failed", f"ray task died: {e!r}", traceback.format_exc(), 0.0
-            if kind == "cell":
-                finish(c, status, payload, tb, dt)
-            elif status == "done":
-                for cell in waiting.pop(key):
-                    pending[remote.remote("cell", cell, *args)] = ("cell", None, cell)
-            else:
-                for cell in waiting.pop(key):
-                    finish(cell, "failed", f"backdoored model failed: {payload}", tb, 0.0)
-    prog.running = 0
+                result = self.ray.get(ref)
+            except Exception as e:  # the task or its worker died, retries spent
+                from .schedule import Failure
+
+                result = ("failed", Failure(f"ray task died: {e!r}", "environment"), traceback.format_exc(), 0.0)
+            out.append((self.pending.pop(ref), result))
+        return out
+
+    def close(self, cancel: bool = False):
+        if cancel:
+            for ref in self.pending:
+                self.ray.cancel(ref, force=True)
+        self.pending = {}

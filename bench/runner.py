@@ -34,7 +34,7 @@ from defenses.base import Observations
 from . import metrics
 from .data import Dataset, ImageSet, load_dataset
 from .matrix import Cell, Matrix
-from .models import ModelFactory, build_model
+from .models import ModelFactory
 from .store import Store, atomic_write_bytes, atomic_write_json, digest
 from .trainer import Checkpoint, Trainer
 

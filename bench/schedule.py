@@ -668,103 +668,134 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         key = digest(c.backdoor_ident())
         (waiting[key] if key in p.backdoors else ready).append(c)
 
-    if executor == "slurm":
+    if executor == "slurm":  # jobs of many tasks each: its own packing (see bench.slurm_executor)
         from .slurm_executor import SlurmOptions, run_slurm
 
         run_slurm(p, runner, slurm or SlurmOptions(), finish, prog)
-    elif executor != "ray" and (not slots or len(slots) == 1 or executor == "serial"):
-        # Work another process holds is skipped and revisited at the end (then waiting for it), so
-        # several `bench run` of one matrix on one store split the cells instead of queueing.
-        held_cells, held_backdoors = [], []
-
-        def run_cells(cells, wait=False):
-            # grouped by poisoned set so each is built once in memory
-            for c in sorted(cells, key=lambda c: digest(c.backdoor_ident())):
-                prog.running = 1
-                result = _run_task(runner, "cell", c, wait)
-                if result[0] == "held":
-                    held_cells.append(c)
-                else:
-                    finish(c, *result)
-
-        def run_backdoor(key, c, wait=False):
-            status, err, tb, dt = _run_task(runner, "backdoor", c, wait)
-            if status == "held":
-                held_backdoors.append((key, c))
-                return
-            prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
-            if status == "done":
-                run_cells(waiting.pop(key), wait)
-            else:
-                for cell in waiting.pop(key):
-                    finish(cell, "failed", Failure(f"backdoored model failed: {err}", getattr(err, "cause", None)),
-                           tb, 0.0)
-
-        run_cells(ready)
-        # one poisoned set at a time: its backdoored model, then the cells that use it, so finished
-        # results reach the store as early as possible
-        for key, c in p.backdoors.items():
-            run_backdoor(key, c)
-        while held_cells or held_backdoors:  # what others were computing: wait for it now
-            cells, held_cells[:] = list(held_cells), []
-            backdoors, held_backdoors[:] = list(held_backdoors), []
-            run_cells(cells, wait=True)
-            for key, c in backdoors:
-                run_backdoor(key, c, wait=True)
-        prog.running = 0
-    elif executor == "ray":
-        from .ray_executor import run_ray
-
-        run_ray(p, runner, slots, waiting, ready, finish, prog)
     else:
-        # CPU-only: fork (workers start in milliseconds; this process has run no torch kernels, so no
-        # OpenMP pool is copied).  CUDA cannot be forked: spawn fresh interpreters there.
+        if executor == "ray":
+            from .ray_executor import RayExecutor
+
+            ex = RayExecutor(runner, slots)
+        elif not slots or len(slots) == 1 or executor == "serial":
+            ex = SerialExecutor(runner)
+        else:
+            ex = PoolExecutor(runner, slots)
+        try:
+            drive(ex, p, waiting, ready, finish, prog, runner)
+        except BaseException:  # an interruption (or a bug here): nothing outlives this process
+            ex.close(cancel=True)
+            raise
+        ex.close()
+    prog.running = 0
+    return [outcomes[id(c)] for c in p.cells]
+
+
+# --- executors: one task-graph loop over a small protocol -----------------------------------------
+#
+# An executor runs tasks ``(kind, cell, wait)`` with kind "backdoor" or "cell" and hands back their
+# results as ``_run_task`` returns them: ``submit(tag, kind, cell, wait)`` queues a task, and
+# ``wait_any()`` blocks until at least one queued task has finished and returns ``[(tag, result)]``
+# (an empty list when nothing is queued).  ``drive`` is the one loop that knows the task graph.
+
+def drive(ex, p: Plan, waiting: dict, ready: list, finish, prog, runner) -> None:
+    """Backdoored models first, each one's cells once it exists; cells that need none at once.
+    Work another process holds ("held") is set aside and submitted again, waiting for it, once
+    nothing else is left, so several processes sharing a store split the matrix."""
+    queued, held = 0, []
+
+    def submit(kind, key, c, wait=False):
+        nonlocal queued
+        ex.submit((kind, key, c), kind, c, wait)
+        queued += 1
+
+    for key, c in p.backdoors.items():  # the long trainings first, where workers run in parallel
+        submit("backdoor", key, c)
+    for c in ready:
+        submit("cell", None, c)
+    while queued or held:
+        if not queued:
+            for kind, key, c in held:
+                submit(kind, key, c, True)
+            held = []
+        prog.running = min(queued, ex.slots)
+        for (kind, key, c), (status, payload, tb, dt) in ex.wait_any():
+            queued -= 1
+            if status == "held":
+                held.append((kind, key, c))
+            elif kind == "cell":
+                finish(c, status, payload, tb, dt)
+            else:
+                prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
+                for cell in waiting.pop(key):
+                    if status == "done":
+                        submit("cell", None, cell)
+                    else:
+                        finish(cell, "failed", Failure(f"backdoored model failed: {payload}",
+                                                       getattr(payload, "cause", None)), tb, 0.0)
+
+
+class SerialExecutor:
+    """This process, one task at a time: cells before backdoored models, cells grouped by poisoned
+    set, so each poisoned set is built once in memory and results reach the store early."""
+
+    slots = 1
+
+    def __init__(self, runner):
+        self.runner, self.queue = runner, []
+
+    def submit(self, tag, kind, cell, wait):
+        self.queue.append((tag, kind, cell, wait))
+
+    def wait_any(self):
+        if not self.queue:
+            return []
+        cells = [t for t in self.queue if t[1] == "cell"]
+        task = min(cells, key=lambda t: digest(t[2].backdoor_ident())) if cells else self.queue[0]
+        self.queue.remove(task)
+        tag, kind, cell, wait = task
+        return [(tag, _run_task(self.runner, kind, cell, wait))]
+
+    def close(self, cancel: bool = False):
+        self.queue = []
+
+
+class PoolExecutor:
+    """Worker processes, one per slot.  CPU-only: fork (workers start in milliseconds; this process
+    has run no torch kernels, so no OpenMP pool is copied).  CUDA cannot be forked: spawn."""
+
+    def __init__(self, runner, slots):
         cpu_only = all(s.device == "cpu" for s in slots)
         ctx = mp.get_context("fork" if cpu_only and "fork" in mp.get_all_start_methods() else "spawn")
         queue = ctx.Queue()
         for s in slots:
             queue.put(s)
-        pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
-                                   initargs=(queue, str(runner.store.root), runner.options()))
-        try:
-            futures, held = {}, []
-            for key, c in p.backdoors.items():
-                futures[pool.submit(_worker_task, "backdoor", c)] = ("backdoor", key, c)
-            for c in ready:
-                futures[pool.submit(_worker_task, "cell", c)] = ("cell", None, c)
-            while futures or held:
-                if not futures:  # only work other processes hold is left: wait for it now
-                    for kind, key, c in held:
-                        futures[pool.submit(_worker_task, kind, c, True)] = (kind, key, c)
-                    held = []
-                prog.running = min(len(futures), len(slots))
-                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    kind, key, c = futures.pop(f)
-                    try:
-                        status, payload, tb, dt = f.result()
-                    except Exception as e:  # the worker process died
-                        status, payload, tb, dt = "failed", f"worker died: {e!r}", traceback.format_exc(), 0.0
-                    if status == "held":
-                        held.append((kind, key, c))
-                        continue
-                    if kind == "cell":
-                        finish(c, status, payload, tb, dt)
-                        continue
-                    prog.backdoor_done(key, dt if status == "done" else None, _backdoor_ee(runner, key))
-                    if status == "done":
-                        for cell in waiting.pop(key):
-                            futures[pool.submit(_worker_task, "cell", cell)] = ("cell", None, cell)
-                    else:
-                        for cell in waiting.pop(key):
-                            finish(cell, "failed", Failure(f"backdoored model failed: {payload}",
-                                                           getattr(payload, "cause", None)), tb, 0.0)
-        except BaseException:  # an interruption (or a bug here): no worker outlives this process
-            _stop_workers(pool)
-            raise
-        pool.shutdown(wait=True)
-        prog.running = 0
-    return [outcomes[id(c)] for c in p.cells]
+        self.slots = len(slots)
+        self.pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
+                                        initargs=(queue, str(runner.store.root), runner.options()))
+        self.futures = {}
+
+    def submit(self, tag, kind, cell, wait):
+        self.futures[self.pool.submit(_worker_task, kind, cell, wait)] = tag
+
+    def wait_any(self):
+        if not self.futures:
+            return []
+        finished, _ = wait(self.futures, return_when=FIRST_COMPLETED)
+        out = []
+        for f in finished:
+            try:
+                result = f.result()
+            except Exception as e:  # the worker process died
+                result = ("failed", Failure(f"worker died: {e!r}", "environment"), traceback.format_exc(), 0.0)
+            out.append((self.futures.pop(f), result))
+        return out
+
+    def close(self, cancel: bool = False):
+        if cancel:
+            _stop_workers(self.pool)
+        else:
+            self.pool.shutdown(wait=True)
 
 
 def dry_run_text(p: Plan, runner) -> str:

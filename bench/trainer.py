@@ -313,6 +313,7 @@ class Trainer:
         samples_before = self.train_samples - (saved["train_samples"] if saved else 0)
         for epoch in range(start, r.epochs):
             t0, loss_sum, seen = time.monotonic(), torch.zeros((), device=self.device), 0
+            lr_now = opt.param_groups[0]["lr"]
             if lr_at_epoch is not None:
                 for g in opt.param_groups:
                     g["lr"] = float(lr_at_epoch(epoch))
@@ -326,7 +327,8 @@ class Trainer:
                 idx = order[b * r.batch_size:(b + 1) * r.batch_size]
                 x, y = self.load_batch(data, idx, gen, augment, extra_augment, r)
                 w = None if w_all is None else w_all[idx.to(self.device)]
-                lr_now = opt.param_groups[0]["lr"] if b == 0 else lr_now
+                if b == 0:
+                    lr_now = opt.param_groups[0]["lr"]
                 loss = self.loss(model, x, y, idx, w, loss_fn)
                 self.step(model, opt, loss, len(idx))
                 loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step

@@ -7,7 +7,6 @@ checks that :func:`calibrate_eps` finds it.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
