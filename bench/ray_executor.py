@@ -33,6 +33,12 @@ def _task(kind, cell, store_root, options, device, threads):
     from .store import Store
 
     torch.set_num_threads(threads)
+    for what, path in (("--output (the store)", store_root), ("--data-root", options.get("data_root"))):
+        if path is not None and not os.path.isdir(path):
+            import socket
+
+            raise RuntimeError(f"{what} '{path}' is not visible on node {socket.gethostname()}: put it on a "
+                               f"filesystem every node mounts, at the same path")
     key = json.dumps([store_root, options, device], sort_keys=True, default=str)
     if key not in _RUNNERS:
         _RUNNERS[key] = Runner(Store(store_root), device=device, **options)

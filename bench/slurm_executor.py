@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from .store import digest
 
-#: seconds between two polls of the submitted jobs
+#: seconds between two polls of the submitted jobs (on SLURM; local and debug jobs are polled faster)
 POLL_S = 5.0
+LOCAL_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def run_slurm(p, runner, options: SlurmOptions, finish, prog) -> None:
             prog.running = len(pending)
             done = [j for j in pending if j.done()]
             if not done:
-                time.sleep(POLL_S)
+                time.sleep(POLL_S if ex.cluster == "slurm" else LOCAL_POLL_S)
                 continue
             for j in done:
                 pending.remove(j)

@@ -127,6 +127,9 @@ class Store:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 raise Held(f"{kind} {key} is being computed by another process") from None
+            except OSError as e:  # ENOLCK and the like: the filesystem does not lock
+                raise OSError(e.errno, f"cannot lock {path}: {e.strerror}; the store needs a filesystem with "
+                                       f"flock (NFSv4, or Lustre mounted with flock)") from None
             try:
                 yield
             finally:

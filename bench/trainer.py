@@ -251,11 +251,17 @@ class Trainer:
         opt.step()
         self.train_samples += n
 
-    def loss(self, model, x, y, idx, weights=None, loss_fn=None) -> torch.Tensor:
-        """Mean over the batch of ``weight * per-sample loss`` (plain CE by default)."""
+    def loss(self, model, x, y, idx, weights=None, loss_fn=None, hits: list | None = None) -> torch.Tensor:
+        """Mean over the batch of ``weight * per-sample loss`` (plain CE by default).  ``hits``: with
+        plain CE, receives the batch's count of correct predictions (a device tensor, no sync)."""
         with self._autocast():
-            per = loss_fn(model, x, y, idx) if loss_fn is not None else \
-                F.cross_entropy(model(x).float(), y, reduction="none")
+            if loss_fn is not None:
+                per = loss_fn(model, x, y, idx)
+            else:
+                logits = model(x).float()
+                per = F.cross_entropy(logits, y, reduction="none")
+                if hits is not None:
+                    hits.append((logits.detach().argmax(1) == y).sum())
         if per.dim() == 0:
             return per
         if weights is not None:
@@ -276,8 +282,8 @@ class Trainer:
         ``lr_at_epoch``: the lr of each epoch (0-based) as an absolute value, set at the start of
         the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
         ``checkpoint``: resume from and save to a :class:`Checkpoint` (a training of the harness's
-        own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, the
-        epoch's first lr, seconds) under this name, at INFO when epochs take
+        own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, accuracy
+        on the training batches, the epoch's first lr, seconds) under this name, at INFO when epochs take
         :data:`PROGRESS_EPOCH_S` or more, else at DEBUG.  ``history``: a list
         that receives those per-epoch records.
         """
@@ -312,7 +318,7 @@ class Trainer:
         records = list(history) if history is not None else []
         samples_before = self.train_samples - (saved["train_samples"] if saved else 0)
         for epoch in range(start, r.epochs):
-            t0, loss_sum, seen = time.monotonic(), torch.zeros((), device=self.device), 0
+            t0, loss_sum, seen, hits = time.monotonic(), torch.zeros((), device=self.device), 0, []
             lr_now = opt.param_groups[0]["lr"]
             if lr_at_epoch is not None:
                 for g in opt.param_groups:
@@ -329,20 +335,23 @@ class Trainer:
                 w = None if w_all is None else w_all[idx.to(self.device)]
                 if b == 0:
                     lr_now = opt.param_groups[0]["lr"]
-                loss = self.loss(model, x, y, idx, w, loss_fn)
+                loss = self.loss(model, x, y, idx, w, loss_fn, hits)
                 self.step(model, opt, loss, len(idx))
                 loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step
                 seen += len(idx)
                 if sched is not None:
                     sched.step()
             record = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, seen), "lr": lr_now,
+                      # accuracy on the (augmented) training batches as they were trained on; None with a custom loss
+                      "train_acc": float(sum(hits)) / max(1, seen) if hits else None,
                       "seconds": time.monotonic() - t0}
             records.append(record)
             if history is not None:
                 history.append(record)
             loud = name is not None and record["seconds"] >= PROGRESS_EPOCH_S
-            log.log(logging.INFO if loud else logging.DEBUG, "%s: epoch %d/%d loss %.4f lr %.4g (%.1fs)",
-                    name or "fit", epoch + 1, r.epochs, record["loss"], lr_now, record["seconds"])
+            acc = f" train acc {100 * record['train_acc']:.1f}%" if record["train_acc"] is not None else ""
+            log.log(logging.INFO if loud else logging.DEBUG, "%s: epoch %d/%d loss %.4f%s lr %.4g (%.1fs)",
+                    name or "fit", epoch + 1, r.epochs, record["loss"], acc, lr_now, record["seconds"])
             if on_epoch is not None:
                 on_epoch(epoch, model)
             if checkpoint is not None and epoch + 1 < r.epochs and checkpoint.due():

@@ -23,6 +23,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one(tmp_path):
     history = []
     tr.fit(ref, ds.train, seed=3, history=history)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["train_acc"] > history[0]["train_acc"]
 
     ds, model, tr = _setup()
     ckpt = Checkpoint(tmp_path / "c.pt", every_s=0)

@@ -1,4 +1,5 @@
-"""--executor slurm through submitit: poisoned sets packed into jobs, run by submitit's debug backend."""
+"""--executor slurm through submitit: poisoned sets packed into jobs, run by submitit's local backend
+(subprocesses on this machine, as SLURM would run them on nodes)."""
 import pytest
 
 from bench.matrix import parse_matrix
@@ -38,7 +39,7 @@ def test_a_matrix_runs_as_jobs_and_every_cell_reports(tmp_path):
     runner = Runner(Store(tmp_path))
     cells = _cells(range(2))
     outcomes = execute(plan(cells, runner), runner, None, progress=None, executor="slurm",
-                       slurm=SlurmOptions(cluster="debug", cells_per_job=2, cpus=1))
+                       slurm=SlurmOptions(cluster="local", cells_per_job=2, cpus=1))
     assert [o.status for o in outcomes] == ["done"] * 4
     assert all(o.result["acc"] > 0 for o in outcomes)
     assert len(list((tmp_path / "results").glob("*.json"))) == 4
