@@ -238,7 +238,7 @@ class AdvrBD(Defense):
             self._warn(ctx, warnings, "identified clean set is empty: the clean model is untrained")
 
         t0 = time.time()
-        f_c = trainer.fit(ctx.make_model(), data, indices=clean_idx, seed=ctx.seed)
+        f_c = trainer.fit(ctx.make_model(), data, indices=clean_idx, seed=ctx.seed, checkpoint=ctx.checkpoint("clean"))
         timings["clean_model_s"] = time.time() - t0
 
         extra = {}

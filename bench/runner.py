@@ -297,7 +297,10 @@ class Runner:
             clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, ds.num_classes, cell.seed)
                            if cell.defense.uses_clean_data else None),
             log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
-            _backdoored=backdoored, _observations=recorded)
+            _backdoored=backdoored, _observations=recorded,
+            _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{digest(cell.result_ident())}.pt",
+                                    every_s=self.checkpoint_every_s,
+                                    tag=digest(numerics(self.device, trainer.bf16))))
         t0 = time.time()
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):

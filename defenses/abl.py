@@ -154,7 +154,7 @@ class ABL(Defense):
         if self.retrain_epochs > 0:
             model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), epochs=self.retrain_epochs,
                                 lr=self.retrain_lr, schedule="step", augment=self.retrain_augment,
-                                recipe=recipe, optimizer=opt, seed=ctx.seed + 1)
+                                recipe=recipe, optimizer=opt, seed=ctx.seed + 1, checkpoint=ctx.checkpoint("retrain"))
             ctx.observe("retrain", model)
 
         weights = torch.full((len(data),), -1.0)

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from bench.data import ImageSet
 from bench.registry import Registered
-from bench.trainer import Trainer
+from bench.trainer import Checkpoint, Trainer
 
 
 @dataclass
@@ -87,6 +87,8 @@ class DefenseContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("bench.defense"))
     _backdoored: Callable[[], nn.Module] | None = None
     _observations: Observations | None = None
+    #: where this cell's in-training checkpoints go (None: a context outside the harness keeps none)
+    _checkpoints: Checkpoint | None = None
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +103,16 @@ class DefenseContext:
         if self._backdoored is None:
             raise RuntimeError("this defense did not declare needs_backdoored_model = True")
         return self._backdoored()
+
+    def checkpoint(self, phase: str) -> Checkpoint | None:
+        """A :class:`~bench.trainer.Checkpoint` for one long ``trainer.fit`` of this defense (pass it as
+        ``checkpoint=``): a killed run resumes that phase where it was.  The phases before it run
+        again on the rerun; they are deterministic, so the resumed phase continues from the same
+        state.  ``None`` outside the harness."""
+        if self._checkpoints is None:
+            return None
+        base = self._checkpoints
+        return Checkpoint(base.path.with_name(f"{base.path.stem}-{phase}.pt"), every_s=base.every_s, tag=base.tag)
 
     def observe(self, tag: str, model: nn.Module) -> None:
         """Record ACC/ASR of an intermediate model (evaluated by the harness, not returned)."""

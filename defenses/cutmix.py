@@ -154,6 +154,7 @@ class CutMix(Defense):
             model = ctx.trainer.fit(ctx.backdoored_model(), ctx.train, loss_fn=loss_fn, epochs=self.repair_epochs,
                                     lr=self.repair_lr, schedule=self.repair_schedule, seed=ctx.seed)
         else:
-            model = ctx.trainer.fit(ctx.make_model(), ctx.train, loss_fn=loss_fn, seed=ctx.seed)
+            model = ctx.trainer.fit(ctx.make_model(), ctx.train, loss_fn=loss_fn, seed=ctx.seed,
+                                    checkpoint=ctx.checkpoint("scratch"))
         return Outcome(model, info={"mode": self.mode, "mixed_batches": loss_fn.mixed_batches,
                                     "plain_batches": loss_fn.plain_batches})

@@ -336,7 +336,8 @@ class NONE(Defense):
 
     def run(self, ctx: DefenseContext) -> Outcome:
         trainer, data = ctx.trainer, ctx.train
-        model = trainer.fit(ctx.make_model(), data, epochs=self.e1_epochs, seed=ctx.seed)
+        model = trainer.fit(ctx.make_model(), data, epochs=self.e1_epochs, seed=ctx.seed,
+                            checkpoint=ctx.checkpoint("e1"))
         ctx.observe("trained", model)
         info = {"rounds": []}
         flagged = torch.empty(0, dtype=torch.long)

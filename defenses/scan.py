@@ -305,7 +305,7 @@ class SCAnFT(Defense):
             return Outcome(model, flagged=flagged, info=info)
         if self.repair == "retrain":
             model = ctx.trainer.fit(ctx.make_model(), ctx.train, indices=keep.nonzero().squeeze(1),
-                                    epochs=self.retrain_epochs, seed=ctx.seed)
+                                    epochs=self.retrain_epochs, seed=ctx.seed, checkpoint=ctx.checkpoint("retrain"))
         else:
             model = unlearn_relearn(ctx, model, ctx.train, flagged, keep.nonzero().squeeze(1),
                                     epochs=self.repair_epochs, lr=self.repair_lr, seed=ctx.seed + 22, tag="repair")

@@ -94,3 +94,13 @@ def test_sigkill_mid_training_then_rerun_resumes_with_the_same_final_metrics(tmp
         return row["acc"], row["asr"]
 
     assert metrics(tmp_path / "runs") == metrics(tmp_path / "ref")
+
+
+def test_a_defense_phase_gets_its_own_checkpoint_from_the_context(tmp_path):
+    from defenses import DefenseContext
+
+    ctx = DefenseContext(train=None, num_classes=10, make_model=None, trainer=None,
+                         _checkpoints=Checkpoint(tmp_path / "cell-abc.pt", every_s=7.0, tag="n"))
+    ck = ctx.checkpoint("retrain")
+    assert (ck.path, ck.every_s, ck.tag) == (tmp_path / "cell-abc-retrain.pt", 7.0, "n")
+    assert DefenseContext(train=None, num_classes=10, make_model=None, trainer=None).checkpoint("x") is None
