@@ -81,6 +81,10 @@ def cmd_run(args) -> int:
     args.threads_note = (f"CPU threads per worker: {slots[0].threads} ({why}; set --threads or $BENCH_THREADS "
                          f"when other jobs share these cores)") if slots[0].device == "cpu" else None
     runner.checkpoint_every_s = args.checkpoint_every
+    if args.checkpoint_epochs is not None and args.checkpoint_epochs < 1:
+        raise ConfigError(f"--checkpoint-epochs: {args.checkpoint_epochs} is out of range; allowed: >= 1")
+    runner.checkpoint_every_epochs = args.checkpoint_epochs
+    runner.tensorboard = args.tensorboard
     runner.device = slots[0].device
     if len(slots) == 1:  # in-process; with several slots each worker sets its own threads
         torch.set_num_threads(slots[0].threads)
@@ -334,6 +338,11 @@ def main(argv=None) -> int:
     r.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                    help="save a backdoored model's training state at most this often, to resume a killed run "
                         "(default 120; 0: after every epoch)")
+    r.add_argument("--checkpoint-epochs", type=int, metavar="K",
+                   help="also save it every K epochs, however fast they are")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="write backdoored trainings' per-epoch loss, accuracy and lr as TensorBoard scalars "
+                        "under <output>/tensorboard/ (pip install tensorboard)")
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",
                    help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")

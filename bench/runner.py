@@ -130,13 +130,19 @@ class Runner:
     #: seconds between two in-training checkpoints of a backdoored model (``partial/``): a killed
     #: training resumes from the last one
     checkpoint_every_s: float = 120.0
+    #: also checkpoint every this many epochs (None: by time only)
+    checkpoint_every_epochs: int | None = None
+    #: write each backdoored training's per-epoch records as TensorBoard scalars under
+    #: ``<store>/tensorboard/`` (needs the ``tensorboard`` package)
+    tensorboard: bool = False
     _datasets: dict = field(default_factory=dict)
 
     def options(self) -> dict:
         """What a worker process needs to build the same runner (besides the store and its device)."""
         root = str(Path(self.data_root).expanduser().resolve()) if self.data_root else None  # for other nodes
         return {"data_root": root, "trainer_options": self.trainer_options,
-                "save_models": self.save_models, "checkpoint_every_s": self.checkpoint_every_s}
+                "save_models": self.save_models, "checkpoint_every_s": self.checkpoint_every_s,
+                "checkpoint_every_epochs": self.checkpoint_every_epochs, "tensorboard": self.tensorboard}
     _poisoned: dict = field(default_factory=dict)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -194,10 +200,16 @@ class Runner:
             t0 = time.time()
             nums = numerics(self.device, trainer.bf16)
             ckpt = Checkpoint(self.store.root / "partial" / f"backdoor-{key}.pt", every_s=self.checkpoint_every_s,
-                              tag=digest(nums))
+                              tag=digest(nums), every_epochs=self.checkpoint_every_epochs)
             history: list = []
-            model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(), seed=cell.seed,
-                                checkpoint=ckpt, name=f"backdoored model {cell.label}", history=history)
+            writer = self._tensorboard(f"backdoor-{key}") if self.tensorboard else None
+            try:
+                model = trainer.fit(model, poisoned.train, extra_augment=cell.attack.train_augment(),
+                                    seed=cell.seed, checkpoint=ckpt, name=f"backdoored model {cell.label}",
+                                    history=history, on_record=writer)
+            finally:
+                if writer is not None:
+                    writer.close()
             t_eval = time.time()
             ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
             # a resumed training's time is its epochs' (this process ran only the last ones) plus the evaluation
@@ -208,6 +220,27 @@ class Runner:
                 **cell.backdoor_ident(), **ev, "wall_time_s": wall, "numerics": nums, "history": history,
                 "epoch_equivalents": trainer.train_samples / len(poisoned.train)})
         return self.load_backdoored(cell)
+
+    def _tensorboard(self, name: str):
+        """A per-epoch record writer (loss, training accuracy, lr, seconds as scalars), or None when
+        the ``tensorboard`` package is missing (said once in the log)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+            return None
+        sw = SummaryWriter(str(self.store.root / "tensorboard" / name))
+
+        class Writer:
+            def __call__(self, record):
+                for k in ("loss", "train_acc", "lr", "seconds"):
+                    if record.get(k) is not None:
+                        sw.add_scalar(k, record[k], record["epoch"])
+
+            def close(self):
+                sw.close()
+
+        return Writer()
 
     def _import_backdoored(self, cell: Cell, key: str, model, trainer: Trainer, ds: Dataset, trig) -> None:
         """Store a backdoored model trained elsewhere (``backdoored_models`` in the matrix) as this

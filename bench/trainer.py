@@ -56,6 +56,8 @@ class Checkpoint:
     #: seconds between two writes; 0 writes after every epoch
     every_s: float = 60.0
     tag: str = ""
+    #: also write after every this many epochs, however little time passed (None: by time only)
+    every_epochs: int | None = None
     _last: float = field(default=0.0, repr=False)
 
     def load(self) -> dict | None:
@@ -72,7 +74,11 @@ class Checkpoint:
             return None
         return state
 
-    def due(self) -> bool:
+    def due(self, epoch: int | None = None) -> bool:
+        """Whether to write after ``epoch`` (0-based): ``every_s`` seconds have passed since the last
+        write, or ``epoch + 1`` is a multiple of ``every_epochs``."""
+        if self.every_epochs and epoch is not None and (epoch + 1) % self.every_epochs == 0:
+            return True
         return time.monotonic() - self._last >= self.every_s
 
     def save(self, state: dict) -> None:
@@ -274,7 +280,8 @@ class Trainer:
             on_epoch: Callable | None = None, seed: int = 0, recipe: Recipe | None = None,
             optimizer: torch.optim.Optimizer | None = None,
             lr_at_epoch: Callable[[int], float] | None = None, checkpoint: Checkpoint | None = None,
-            name: str | None = None, history: list | None = None) -> nn.Module:
+            name: str | None = None, history: list | None = None,
+            on_record: Callable[[dict], None] | None = None) -> nn.Module:
         """Train ``model`` in place on ``data[indices]`` (default: all) and return it.
 
         ``optimizer``: continue with this optimizer (its momentum buffers are kept) instead of a
@@ -285,7 +292,7 @@ class Trainer:
         own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, accuracy
         on the training batches, the epoch's first lr, seconds) under this name, at INFO when epochs take
         :data:`PROGRESS_EPOCH_S` or more, else at DEBUG.  ``history``: a list
-        that receives those per-epoch records.
+        that receives those per-epoch records; ``on_record``: called with each as it is made.
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
@@ -354,7 +361,9 @@ class Trainer:
                     name or "fit", epoch + 1, r.epochs, record["loss"], acc, lr_now, record["seconds"])
             if on_epoch is not None:
                 on_epoch(epoch, model)
-            if checkpoint is not None and epoch + 1 < r.epochs and checkpoint.due():
+            if on_record is not None:
+                on_record(record)
+            if checkpoint is not None and epoch + 1 < r.epochs and checkpoint.due(epoch):
                 checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict() if sched is not None else None,
                                  "generator": gen.get_state(), "epoch": epoch,

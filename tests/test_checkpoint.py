@@ -104,3 +104,20 @@ def test_a_defense_phase_gets_its_own_checkpoint_from_the_context(tmp_path):
     ck = ctx.checkpoint("retrain")
     assert (ck.path, ck.every_s, ck.tag) == (tmp_path / "cell-abc-retrain.pt", 7.0, "n")
     assert DefenseContext(train=None, num_classes=10, make_model=None, trainer=None).checkpoint("x") is None
+
+
+def test_checkpoint_every_k_epochs_and_tensorboard_records(tmp_path):
+    ck = Checkpoint(tmp_path / "c.pt", every_s=1e9, every_epochs=3)
+    ck.save({"epoch": 0})  # starts the clock
+    assert [ck.due(e) for e in range(6)] == [False, False, True, False, False, True]
+
+    pytest.importorskip("tensorboard")
+    from bench.matrix import parse_matrix
+    from bench.runner import Runner
+    from bench.store import Store
+    from conftest import TINY_RECIPE, matrix_dict
+
+    cell = parse_matrix(matrix_dict(recipe={**TINY_RECIPE, "epochs": 2})).cells[0]
+    Runner(Store(tmp_path / "runs"), tensorboard=True).backdoored(cell)
+    events = list((tmp_path / "runs" / "tensorboard").glob("backdoor-*/events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
