@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     r.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1; 0 for CPU jobs)")
     r.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     r.add_argument("--cells-per-job", type=int, default=16,
-                   help="about this many cells per job; a poisoned set is never split (default 16)")
+                   help="at most this many cells per job; each backdoored model trains in a job of its own "
+                        "(default 16)")
     r.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per worker (default: $BENCH_THREADS, else the CPU's cores divided "
                         "among workers)")

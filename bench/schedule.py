@@ -668,33 +668,32 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, exec
         key = digest(c.backdoor_ident())
         (waiting[key] if key in p.backdoors else ready).append(c)
 
-    if executor == "slurm":  # jobs of many tasks each: its own packing (see bench.slurm_executor)
-        from .slurm_executor import SlurmOptions, run_slurm
+    if executor == "slurm":
+        from .slurm_executor import SlurmExecutor, SlurmOptions
 
-        run_slurm(p, runner, slurm or SlurmOptions(), finish, prog)
+        ex = SlurmExecutor(runner, slurm or SlurmOptions())
+    elif executor == "ray":
+        from .ray_executor import RayExecutor
+
+        ex = RayExecutor(runner, slots)
+    elif not slots or len(slots) == 1 or executor == "serial":
+        ex = SerialExecutor(runner)
     else:
-        if executor == "ray":
-            from .ray_executor import RayExecutor
-
-            ex = RayExecutor(runner, slots)
-        elif not slots or len(slots) == 1 or executor == "serial":
-            ex = SerialExecutor(runner)
-        else:
-            ex = PoolExecutor(runner, slots)
-        try:
-            drive(ex, p, waiting, ready, finish, prog, runner)
-        except BaseException:  # an interruption (or a bug here): nothing outlives this process
-            ex.close(cancel=True)
-            raise
-        ex.close()
+        ex = PoolExecutor(runner, slots)
+    try:
+        drive(ex, p, waiting, ready, finish, prog, runner)
+    except BaseException:  # an interruption (or a bug here): nothing outlives this process
+        ex.close(cancel=True)
+        raise
+    ex.close()
     prog.running = 0
     return [outcomes[id(c)] for c in p.cells]
 
 
 # --- executors: one task-graph loop over a small protocol -----------------------------------------
 #
-# An executor runs tasks ``(kind, cell, wait)`` with kind "backdoor" or "cell" and hands back their
-# results as ``_run_task`` returns them: ``submit(tag, kind, cell, wait)`` queues a task, and
+# An executor (serial, worker processes, Ray, SLURM) runs tasks ``(kind, cell, wait)`` with kind
+# "backdoor" or "cell" and hands back their results as ``_run_task`` returns them: ``submit(tag, kind, cell, wait)`` queues a task, and
 # ``wait_any()`` blocks until at least one queued task has finished and returns ``[(tag, result)]``
 # (an empty list when nothing is queued).  ``drive`` is the one loop that knows the task graph.
 

@@ -1,15 +1,16 @@
-"""SLURM executor (through submitit): a matrix's task graph as cluster jobs.
+"""SLURM executor (through submitit): the plan's tasks as cluster jobs, under the same task-graph
+loop as every executor (:func:`bench.schedule.drive`).
 
-The plan's work is cut along poisoned sets: a poisoned set's backdoored model and every cell that
-uses it go to the same job, in the local executor's order (the model first, then its cells), so no
-job waits on another and no backdoored model is trained twice.  Poisoned sets are packed into jobs
-of about ``cells_per_job`` cells.  Jobs write to the store like local workers do (atomic writes,
-file locks), so the store on a filesystem every node sees is the only channel; this process
-submits, waits, and reports each cell as its job returns.
+Backdoored models are submitted first, each as a job of its own; a model's cells are submitted when
+its job has returned, as the local executor orders them.  Cells submitted together are packed into
+jobs of at most ``cells_per_job`` (one poisoned set's cells adjacent, so each job builds few
+poisoned sets in memory).  Jobs write to the store like local workers do (atomic
+writes, file locks), so the store on a filesystem every node sees is the only channel; this
+process submits, polls, and reports each task as its job returns.
 
 ``cluster`` picks submitit's backend: ``slurm``; ``local`` (subprocesses on this machine, for a try
-without a cluster) or ``debug`` (in this process, for tests); ``auto`` is SLURM where ``sbatch``
-exists, else local.  Install with ``pip install -e ".[slurm]"``.
+without a cluster) or ``debug`` (in this process); ``auto`` is SLURM where ``sbatch`` exists, else
+local.  Install with ``pip install -e ".[slurm]"``.
 """
 from __future__ import annotations
 
@@ -35,99 +36,84 @@ class SlurmOptions:
     gpus: int = 1
     #: CPUs per job (the torch threads of its process)
     cpus: int = 8
-    #: about this many cells per job (a poisoned set is never split)
+    #: at most this many cells per job (a backdoored model's training is a job of its own)
     cells_per_job: int = 16
 
 
-def jobs_of(p, cells_per_job: int) -> list[list[tuple[str, object]]]:
-    """The plan's tasks packed into jobs: ``[("backdoor", cell) | ("cell", cell), ...]`` per job."""
-    groups: dict[str, list] = {}
-    for key, c in p.backdoors.items():
-        groups.setdefault(key, []).append(("backdoor", c))
-    for c in p.todo:
-        groups.setdefault(digest(c.backdoor_ident()), []).append(("cell", c))
-    jobs, current, n = [], [], 0
-    for tasks in groups.values():
-        cells = sum(k == "cell" for k, _ in tasks)
-        if current and n + cells > cells_per_job:
-            jobs.append(current)
-            current, n = [], 0
-        current += tasks
-        n += cells
-    if current:
-        jobs.append(current)
-    return jobs
+def pack(tasks: list, per_job: int) -> list[list]:
+    """Tasks ``(tag, kind, cell)`` as jobs: each backdoored model alone (the long trainings run side by
+    side on the cluster), cells in jobs of at most ``per_job``, one poisoned set's cells adjacent."""
+    cells = sorted((t for t in tasks if t[1] == "cell"), key=lambda t: digest(t[2].backdoor_ident()))
+    return [[t] for t in tasks if t[1] == "backdoor"] + [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
 
 
 def _job(tasks, store_root, options, device, threads):
-    """One job: its tasks in order; a cell whose backdoored model failed is failed with it.  Returns
-    ``(kind, position, status, payload, traceback, seconds)`` per task."""
+    """One job: its ``(kind, cell)`` tasks in order.  Returns ``_run_task``'s result per task."""
     import torch
 
     from .runner import Runner
-    from .schedule import Failure, _run_task
+    from .schedule import _run_task
     from .store import Store
 
     torch.set_num_threads(threads)
     runner = Runner(Store(store_root), device=device, **options)
-    out, broken = [], {}
-    for i, (kind, cell) in enumerate(tasks):
-        key = digest(cell.backdoor_ident())
-        if kind == "cell" and key in broken:
-            out.append((kind, i, "failed", Failure(f"backdoored model failed: {broken[key]}"), None, 0.0))
-            continue
-        status, payload, tb, dt = _run_task(runner, kind, cell, True)
-        if kind == "backdoor" and status != "done":
-            broken[key] = payload
-        out.append((kind, i, status, payload, tb, dt))
-    return out
+    return [_run_task(runner, kind, cell, True) for kind, cell in tasks]
 
 
-def run_slurm(p, runner, options: SlurmOptions, finish, prog) -> None:
-    try:
-        import submitit
-    except ImportError as e:
-        raise RuntimeError("--executor slurm needs submitit: pip install -e '.[slurm]'") from e
-    folder = runner.store.root / "slurm" / "%j"
-    cluster = None if options.cluster == "auto" else options.cluster
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {"timeout_min": options.time_min, "cpus_per_task": options.cpus, "nodes": 1, "tasks_per_node": 1}
-    if ex.cluster == "slurm":
-        params["gpus_per_node"] = options.gpus
-        if options.partition:
-            params["slurm_partition"] = options.partition
-    ex.update_parameters(name="bench", **params)
-    device = "cuda" if options.gpus and ex.cluster == "slurm" else "cpu"
-    args = (str(runner.store.root.resolve()), runner.options(), device, options.cpus)
-    packed = jobs_of(p, options.cells_per_job)
-    jobs = [ex.submit(_job, tasks, *args) for tasks in packed]
-    tasks_of = {id(j): tasks for j, tasks in zip(jobs, packed)}
-    prog.say(f"submitted {len(jobs)} {ex.cluster} job(s) (logs: {runner.store.root / 'slurm'})")
-    pending = list(jobs)
-    try:
-        while pending:
-            prog.running = len(pending)
-            done = [j for j in pending if j.done()]
-            if not done:
-                time.sleep(POLL_S if ex.cluster == "slurm" else LOCAL_POLL_S)
-                continue
-            for j in done:
-                pending.remove(j)
-                tasks = tasks_of[id(j)]
-                try:
-                    results = j.result()
-                except Exception as e:  # the job failed as a whole (time limit, node failure): rerun retries it
-                    from .schedule import Failure
+class SlurmExecutor:
+    """Jobs through submitit (the protocol of :func:`bench.schedule.drive`)."""
 
-                    for kind, c in tasks:
-                        if kind == "cell":
-                            finish(c, "failed", Failure(f"job {j.job_id} failed: {e!r}", "environment"), None, 0.0)
-                    continue
-                for kind, i, status, payload, tb, dt in results:
-                    if kind == "cell":
-                        finish(tasks[i][1], status, payload, tb, dt)
-    except BaseException:  # an interruption: no job outlives the run that submitted it
-        for j in pending:
-            j.cancel(check=False)
-        raise
-    prog.running = 0
+    def __init__(self, runner, options: SlurmOptions):
+        try:
+            import submitit
+        except ImportError as e:
+            raise RuntimeError("--executor slurm needs submitit: pip install -e '.[slurm]'") from e
+        self.options = options
+        cluster = None if options.cluster == "auto" else options.cluster
+        self.ex = submitit.AutoExecutor(folder=str(runner.store.root / "slurm" / "%j"), cluster=cluster)
+        params = {"timeout_min": options.time_min, "cpus_per_task": options.cpus, "nodes": 1, "tasks_per_node": 1}
+        if self.ex.cluster == "slurm":
+            params["gpus_per_node"] = options.gpus
+            if options.partition:
+                params["slurm_partition"] = options.partition
+        self.ex.update_parameters(name="bench", **params)
+        device = "cuda" if options.gpus and self.ex.cluster == "slurm" else "cpu"
+        self.args = (str(runner.store.root.resolve()), runner.options(), device, options.cpus)
+        self.slots = 1 << 30  # the cluster queues what it cannot run yet
+        self.buffer, self.jobs = [], []
+
+    def submit(self, tag, kind, cell, wait):
+        self.buffer.append((tag, kind, cell))
+
+    def _flush(self):
+        for group in pack(self.buffer, self.options.cells_per_job):
+            job = self.ex.submit(_job, [(kind, cell) for _, kind, cell in group], *self.args)
+            self.jobs.append((job, [tag for tag, _, _ in group]))
+        self.buffer = []
+
+    def wait_any(self):
+        self._flush()
+        if not self.jobs:
+            return []
+        while True:
+            done = [(j, tags) for j, tags in self.jobs if j.done()]
+            if done:
+                break
+            time.sleep(POLL_S if self.ex.cluster == "slurm" else LOCAL_POLL_S)
+        out = []
+        for j, tags in done:
+            self.jobs.remove((j, tags))
+            try:
+                results = j.result()
+            except Exception as e:  # the job failed as a whole (time limit, node failure): rerun retries it
+                from .schedule import Failure
+
+                results = [("failed", Failure(f"job {j.job_id} failed: {e!r}", "environment"), None, 0.0)] * len(tags)
+            out += list(zip(tags, results))
+        return out
+
+    def close(self, cancel: bool = False):
+        if cancel:  # an interruption: no job outlives the run that submitted it
+            for j, _ in self.jobs:
+                j.cancel(check=False)
+        self.buffer, self.jobs = [], []

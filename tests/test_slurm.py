@@ -14,22 +14,19 @@ def _cells(seeds, epochs=2):
                                     defenses=["undefended", {"name": "finetuning", "epochs": 1}])).cells
 
 
-def test_jobs_keep_each_poisoned_set_whole_and_its_model_first(tmp_path):
-    from bench.slurm_executor import jobs_of
+def test_backdoored_models_get_a_job_each_and_cells_are_packed_by_poisoned_set():
+    from bench.slurm_executor import pack
 
-    p = plan(_cells(range(3)), Runner(Store(tmp_path)))
-    for per_job, n_jobs in ((3, 3), (4, 2), (100, 1)):
-        jobs = jobs_of(p, per_job)
-        assert len(jobs) == n_jobs
-        assert sorted(id(c) for j in jobs for k, c in j if k == "cell") == sorted(id(c) for c in p.todo)
-        for job in jobs:
-            seen = set()
-            for kind, c in job:
-                key = digest(c.backdoor_ident())
-                if kind == "backdoor":
-                    seen.add(key)
-                else:
-                    assert key in seen  # the model this cell needs was trained earlier in the same job
+    cells = _cells(range(3))
+    tasks = [(i, "cell", c) for i, c in enumerate(cells)] + [(10 + i, "backdoor", c) for i, c in enumerate(cells[::2])]
+    for per_job, cell_jobs in ((2, 3), (4, 2), (100, 1)):
+        jobs = pack(tasks, per_job)
+        assert [len(j) for j in jobs[:3]] == [1, 1, 1] and all(j[0][1] == "backdoor" for j in jobs[:3])
+        assert len(jobs) == 3 + cell_jobs and all(len(j) <= per_job for j in jobs[3:])
+        assert sorted(t[0] for j in jobs for t in j) == sorted(t[0] for t in tasks)
+    # one poisoned set's two cells share a job when they fit
+    for job in pack(tasks, 2)[3:]:
+        assert len({digest(t[2].backdoor_ident()) for t in job}) == 1
 
 
 def test_a_matrix_runs_as_jobs_and_every_cell_reports(tmp_path):
@@ -39,7 +36,7 @@ def test_a_matrix_runs_as_jobs_and_every_cell_reports(tmp_path):
     runner = Runner(Store(tmp_path))
     cells = _cells(range(2))
     outcomes = execute(plan(cells, runner), runner, None, progress=None, executor="slurm",
-                       slurm=SlurmOptions(cluster="local", cells_per_job=2, cpus=1))
+                       slurm=SlurmOptions(cluster="local", cells_per_job=4, cpus=1))
     assert [o.status for o in outcomes] == ["done"] * 4
     assert all(o.result["acc"] > 0 for o in outcomes)
     assert len(list((tmp_path / "results").glob("*.json"))) == 4
