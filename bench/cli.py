@@ -382,6 +382,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # the console: short epochs go to the cell's log file only
+        h.addFilter(lambda record: getattr(record, "console", True))
     logging.getLogger("bench").setLevel(logging.INFO)
     try:
         return args.fn(args)

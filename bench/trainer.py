@@ -37,8 +37,8 @@ from .data import ImageSet
 
 log = logging.getLogger("bench.train")
 
-#: a named training logs its epochs at INFO once an epoch takes this long (long trainings show
-#: progress; a quick matrix's second-long epochs stay at DEBUG, in the cell's log file only if asked)
+#: a named training's epochs are logged to the cell's log file; the console shows them once an
+#: epoch takes this long (long trainings show progress, a quick matrix's second-long epochs stay quiet)
 PROGRESS_EPOCH_S = 10.0
 
 
@@ -290,8 +290,8 @@ class Trainer:
         the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
         ``checkpoint``: resume from and save to a :class:`Checkpoint` (a training of the harness's
         own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, accuracy
-        on the training batches, the epoch's first lr, seconds) under this name, at INFO when epochs take
-        :data:`PROGRESS_EPOCH_S` or more, else at DEBUG.  ``history``: a list
+        on the training batches, the epoch's first lr, seconds) under this name at INFO; the console
+        shows it when epochs take :data:`PROGRESS_EPOCH_S` or more.  ``history``: a list
         that receives those per-epoch records; ``on_record``: called with each as it is made.
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
@@ -355,10 +355,11 @@ class Trainer:
             records.append(record)
             if history is not None:
                 history.append(record)
-            loud = name is not None and record["seconds"] >= PROGRESS_EPOCH_S
             acc = f" train acc {100 * record['train_acc']:.1f}%" if record["train_acc"] is not None else ""
-            log.log(logging.INFO if loud else logging.DEBUG, "%s: epoch %d/%d loss %.4f%s lr %.4g (%.1fs)",
-                    name or "fit", epoch + 1, r.epochs, record["loss"], acc, lr_now, record["seconds"])
+            # every named epoch reaches the cell's log file; the console shows it only for long epochs
+            log.log(logging.INFO if name else logging.DEBUG, "%s: epoch %d/%d loss %.4f%s lr %.4g (%.1fs)",
+                    name or "fit", epoch + 1, r.epochs, record["loss"], acc, lr_now, record["seconds"],
+                    extra={"console": record["seconds"] >= PROGRESS_EPOCH_S})
             if on_epoch is not None:
                 on_epoch(epoch, model)
             if on_record is not None:
