@@ -89,14 +89,31 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     match = [c for c in (*POISON_COLUMNS, *attack_params) if c in df.columns]
     base = df[df["defense"] == "undefended"]
     if len(base):
-        keyed = base[match + list(METRICS)].astype({c: str for c in match}).drop_duplicates(match)
-        keyed = keyed.rename(columns={k: f"_u.{k}" for k in METRICS})
-        merged = df.astype({c: str for c in match})[match].merge(keyed, on=match, how="left")
-        for k in METRICS:
-            fill = pd.Series(pd.to_numeric(merged[f"_u.{k}"], errors="coerce").to_numpy(), index=df.index)
-            df[f"undefended.{k}"] = df[f"undefended.{k}"].fillna(fill)
+        _fill_undefended(df, base, match)
+        # results stored before the test slice was recorded: match them on everything else
+        loose = [c for c in match if c != "test_limit"]
+        if len(loose) < len(match):
+            _fill_undefended(df, base, loose, only=df["test_limit"].isna(), among=base["test_limit"].notna())
+            _fill_undefended(df, base, loose, only=df["test_limit"].notna(), among=base["test_limit"].isna())
     _ratings(df)
     return df
+
+
+def _fill_undefended(df: pd.DataFrame, base: pd.DataFrame, match: list[str], only=None, among=None) -> None:
+    """Fill missing ``undefended.*`` of ``df`` (rows in ``only``) from the undefended rows in ``base``
+    (those in ``among``) that agree on every column of ``match``."""
+    if among is not None:
+        base = base[among]
+    if base.empty:
+        return
+    keyed = base[match + list(METRICS)].astype({c: str for c in match}).drop_duplicates(match)
+    keyed = keyed.rename(columns={k: f"_u.{k}" for k in METRICS})
+    merged = df.astype({c: str for c in match})[match].merge(keyed, on=match, how="left")
+    for k in METRICS:
+        fill = pd.Series(pd.to_numeric(merged[f"_u.{k}"], errors="coerce").to_numpy(), index=df.index)
+        if only is not None:
+            fill = fill.where(only)
+        df[f"undefended.{k}"] = df[f"undefended.{k}"].fillna(fill)
 
 
 def _ratings(df: pd.DataFrame) -> None:

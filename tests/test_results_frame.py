@@ -1,4 +1,6 @@
 """``bench.results.load``: one row per cell, parameters as columns, the undefended baseline beside."""
+import pandas as pd
+import pytest
 import yaml
 
 from bench.matrix import parse_matrix
@@ -34,3 +36,16 @@ def test_load_flattens_parameters_and_joins_the_undefended_baseline(tmp_path):
     paths = write_results(list(rows.values()), out)
     assert [p.name for p in paths[:2]] == ["results.csv", "results.jsonl"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_an_older_result_without_its_test_slice_still_matches_its_baseline():
+    from bench.results import frame
+
+    common = {"dataset": "cifar10", "train_limit": 20000, "model": "small_cnn", "attack": "blend", "seed": 0,
+              "attack_params": {"poison_ratio": 0.05}, "recipe": {"epochs": 10}}
+    old_base = {**common, "defense": "undefended", "acc": 0.8, "asr": 0.95, "ra": 0.04}  # no test_limit recorded
+    scratch = {**common, "test_limit": 5000, "defense": "advrbd", "acc": 0.77, "asr": 0.9, "ra": 0.1}
+    other = {**common, "test_limit": 5000, "seed": 1, "defense": "advrbd", "acc": 0.7, "asr": 0.5, "ra": 0.4}
+    df = frame([old_base, scratch, other]).set_index("seed", append=True)
+    assert df.loc[(1, 0), "undefended.asr"] == 0.95 and df.loc[(1, 0), "der"] == pytest.approx((0.05 - 0.03 + 1) / 2)
+    assert pd.isna(df.loc[(2, 1), "undefended.asr"])  # another seed is another poisoned set
