@@ -36,14 +36,15 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 def style(i: int, n: int) -> dict:
     """Colour and marker of entry ``i`` of ``n``: tab10 for up to 10 entries; beyond, tab20 with its
-    dark shades before its light ones; the marker changes with each colour so no two entries match."""
+    dark shades before its light ones, and a marker that differs between the two shades of a hue."""
     if n <= 10:
         color = plt.get_cmap("tab10")(i % 10)
     else:
         j = i % 20
         color = plt.get_cmap("tab20")(2 * j if j < 10 else 2 * (j - 10) + 1)
-    # entries 20 apart share a colour; shifting the marker by one per cycle keeps the pairs unique
-    return {"color": color, "marker": MARKERS[(i + i // 20) % len(MARKERS)]}
+    # beyond 10 entries the marker shifts once per 10: entry i and i + 10 (a dark and a light shade of
+    # one hue) get different markers, and so do entries 20 apart, which share a colour
+    return {"color": color, "marker": MARKERS[(i + i // 10) % len(MARKERS)]}
 
 
 def _legend(ax, **kw) -> None:

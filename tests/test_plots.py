@@ -10,6 +10,8 @@ def test_every_entry_has_its_own_colour_and_marker(n):
     assert len({(tuple(s["color"]), s["marker"]) for s in styles}) == n
     if n <= 20:  # colours alone stay distinct up to 20 entries
         assert len({tuple(s["color"]) for s in styles}) == n
+    if n > 10:  # the dark and light shade of one hue (entries i and i + 10) differ in marker too
+        assert all(styles[i]["marker"] != styles[i + 10]["marker"] for i in range(n - 10))
 
 
 def _row(defense, seed, ratio, asr):
