@@ -8,10 +8,17 @@ Pipeline, one module per step:
 * :mod:`advrbd.enhance`: Algorithm 2, iterative backdoor enhancement (relearn D_p, unlearn D_c);
 * :mod:`advrbd.identify`: samples the enhanced model misclassifies are declared clean;
 * :mod:`advrbd.defense`: the :class:`~defenses.Defense` gluing these together, plus the clean
-  model, relabel and relearn.  It is registered as ``advrbd`` from ``defenses/advrbd.py``.
+  model, relabel and relearn, registered as the defense ``advrbd``.
 """
 from .defense import AdvrBD
-from .enhance import EnhanceConfig, Observer, enhance, joint_epoch, relearn_phase, unlearn_phase
+from .enhance import (
+           EnhanceConfig,
+           Observer,
+           enhance,
+           joint_epoch,
+           relearn_phase,
+           unlearn_phase,
+)
 from .identify import identify
 from .partition import partition
 from .score import ScoreConfig, calibrate_eps, patch_masks, pgd_patch, robustness_scores

@@ -32,19 +32,20 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 
-from bench.data import ImageSet
-from defenses.base import Defense, DefenseContext, Outcome
+from bench.core.data import ImageSet
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.registry import register_defense
 
-from .enhance import EnhanceConfig, Observer, enhance
+from .enhance import EnhanceConfig, Enhancement, Observer, enhance
 from .identify import identify, rule
-from .score import ScoreConfig, calibrate_eps
-
-WARMUP_SCHEDULES = ("constant", "recipe")
+from .score import PatchMode, ScoreConfig, calibrate_eps
 
 
+@register_defense("advrbd")
 @dataclass
 class AdvrBD(Defense):
     """AdvrBD: adversarial-patch robustness score, backdoor enhancement, clean retraining."""
@@ -59,7 +60,7 @@ class AdvrBD(Defense):
     #: PGD step size; None = eps / 4 [ours]
     pgd_step_size: float | None = None
     #: "additive" (L_inf-bounded, the paper's "perturbation radius") or "replace" (classic patch content)
-    patch_mode: str = "additive"
+    patch_mode: PatchMode = "additive"
     #: samples per PGD batch (memory only)
     score_batch_size: int = 256
     #: calibrate eps on the start model before round 1 so that PGD flips 30-70 % of a probe [ours, off]
@@ -76,12 +77,12 @@ class AdvrBD(Defense):
     warmup_epochs: int | None = None
     #: lr schedule of that warm-up: "constant" (the recipe's lr, not annealed: a model still in
     #: training) or "recipe" (the recipe's own schedule, compressed to warmup_epochs) [ours]
-    warmup_schedule: str = "constant"
+    warmup_schedule: Literal["constant", "recipe"] = "constant"
 
     # --- enhancement (Algorithm 2) ---
     #: "rounds" (partition, relearn D_p, unlearn D_c by plain ascent: the paper's rounds) or
     #: "joint" (one paired loss with a capped, switching-off ascent: this project's earlier reading)
-    enhancement: str = "rounds"
+    enhancement: Enhancement = "rounds"
     #: partition rate rho: ceil(rho * N) samples join D_c per round [ours: 0.02; the paper's ablation
     #: finds the rate has little influence]
     partition_rate: float = 0.02
@@ -147,15 +148,12 @@ class AdvrBD(Defense):
 
     display_name = "AdvrBD"
 
-    version = 3
+    version = 4
 
     def __post_init__(self):
+        super().__post_init__()
         self.calibrate_candidates = tuple(self.calibrate_candidates)
         self.flip_rate_range = tuple(self.flip_rate_range)
-        self.score_config()  # validates patch_mode
-        self.enhance_config()  # validates enhancement
-        if self.warmup_schedule not in WARMUP_SCHEDULES:
-            raise ValueError(f"warmup_schedule: '{self.warmup_schedule}' is not one of {list(WARMUP_SCHEDULES)}")
         if not 0 < self.partition_rate <= 1:
             raise ValueError(f"partition_rate: {self.partition_rate} must be in (0, 1]")
         if self.rounds < 1:
@@ -165,9 +163,9 @@ class AdvrBD(Defense):
         if self.relearn_passes > 1 and self.relearn_passes != int(self.relearn_passes):
             raise ValueError(f"relearn_passes: {self.relearn_passes} must be a whole number when above 1")
 
-    @property
-    def needs_backdoored_model(self) -> bool:  # the cached model is the start model when warmup_epochs is None
-        return self.warmup_epochs is None
+    def needs(self) -> Needs:
+        # the cached model is the start model unless the enhancement starts from a model in training
+        return Needs(backdoored_model=self.warmup_epochs is None)
 
     def _subset(self, cls):
         return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
@@ -186,7 +184,7 @@ class AdvrBD(Defense):
         trainer, data, k = ctx.trainer, ctx.train, ctx.num_classes
         n = len(data)
         timings, warnings = {}, []
-        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        gen = ctx.rng("enhance")
 
         t0 = time.time()
         if self.warmup_epochs is None:
@@ -247,7 +245,7 @@ class AdvrBD(Defense):
             y_new = data.y.clone()
             y_new[flagged] = trainer.predict(f_c, data.x[flagged])
             f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=self.relearn_epochs, lr=self.relearn_lr,
-                              schedule="cosine", seed=ctx.seed + 2)
+                              schedule="cosine", seed=ctx.seed_for("relearn"))
             extra["relearn"] = f_r
             timings["relearn_s"] = time.time() - t0
             timings["relabel_changed"] = int((y_new[flagged] != data.y[flagged]).sum())

@@ -44,18 +44,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from bench.data import ImageSet
-from bench.trainer import Trainer
+from bench.core.data import ImageSet
+from bench.core.registry import check_choices
+from bench.core.trainer import Trainer
 
 from .partition import partition
 from .score import ScoreConfig
 
-ENHANCEMENTS = ("rounds", "joint")
+#: the enhancement's two readings of Algorithm 2
+Enhancement = Literal["rounds", "joint"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class EnhanceConfig:
     """The enhancement's settings.  No defaults here: :class:`advrbd.AdvrBD` holds each default once
     (with its source) and builds this object from its fields of the same names."""
 
-    enhancement: str
+    enhancement: Enhancement
     partition_rate: float
     rounds: int
     relearn_passes: float
@@ -86,8 +88,7 @@ class EnhanceConfig:
     enhance_batch_size: int | None
 
     def __post_init__(self):
-        if self.enhancement not in ENHANCEMENTS:
-            raise ValueError(f"enhancement: '{self.enhancement}' is not one of {list(ENHANCEMENTS)}")
+        check_choices(self)
 
 
 def _sgd(model, trainer: Trainer, lr: float, momentum: float):
@@ -112,7 +113,7 @@ def relearn_phase(model, trainer: Trainer, data: ImageSet, d_p: torch.Tensor, cf
     while left > 0:
         for idx in _batches(d_p, bs, gen, min(left, 1.0)):
             x, y = trainer.load_batch(data, idx, gen, augment=cfg.relearn_augment)
-            with trainer._autocast():
+            with trainer.autocast():
                 loss = F.cross_entropy(model(x).float(), y)
             trainer.step(model, opt, loss, len(idx))
             total += loss.item()
@@ -143,7 +144,7 @@ def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cf
         for idx in _batches(d_c, bs, gen):
             model.train()
             x, y = trainer.load_batch(data, idx, gen, augment=False)
-            with trainer._autocast():
+            with trainer.autocast():
                 loss = F.cross_entropy(model(x).float(), y)
             trainer.step(model, opt, -loss, len(idx))
             stats["unlearn_steps"] += 1
@@ -175,7 +176,7 @@ def joint_epoch(model, trainer: Trainer, data: ImageSet, learn_idx: torch.Tensor
         ic = unlearn_idx[torch.randint(0, len(unlearn_idx), (len(ip),), generator=gen)]
         xp, yp = trainer.load_batch(data, ip, gen)
         xc, yc = trainer.load_batch(data, ic, gen)
-        with trainer._autocast():
+        with trainer.autocast():
             logits = model(torch.cat([xp, xc])).float()
         lp, lc = logits[:len(ip)], logits[len(ip):]
         ce_p = F.cross_entropy(lp, yp)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.data import ImageSet
-from bench.trainer import Trainer
+from bench.core.data import ImageSet
+from bench.core.trainer import Trainer
 
 
 def rule(logits: torch.Tensor, y: torch.Tensor, min_confidence: float = 0.0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bench.registry import field_docs
+from bench.core.registry import field_docs
 
 from .defense import AdvrBD
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.trainer import Trainer
+from bench.core.trainer import Trainer
 
 from .score import ScoreConfig, robustness_scores
 

@@ -21,11 +21,16 @@ Everything is batched: whole batches with per-sample masks, no per-sample Python
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from bench.trainer import Trainer
+from bench.core.registry import check_choices
+from bench.core.trainer import Trainer
+
+#: how the adversarial patch perturbs an image: "additive" (bounded) or "replace" (patch content)
+PatchMode = Literal["additive", "replace"]
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,12 @@ class ScoreConfig:
     #: PGD step size; None = eps / 4
     pgd_step_size: float | None
     #: "additive" (L_inf-bounded perturbation inside the patch) or "replace" (patch content)
-    patch_mode: str
+    patch_mode: PatchMode
     #: samples per PGD batch
     score_batch_size: int
 
-    MODES = ("additive", "replace")
-
     def __post_init__(self):
-        if self.patch_mode not in self.MODES:
-            raise ValueError(f"patch_mode: '{self.patch_mode}' is not one of {list(self.MODES)}")
+        check_choices(self)
 
     def radius_for(self, size: int) -> int:
         return self.radius if self.radius is not None else max(1, size // 8)
@@ -145,7 +147,7 @@ def robustness_scores(model, x_uint8: torch.Tensor, cfg: ScoreConfig, trainer: T
         for i in range(0, n, cfg.score_batch_size):
             x = trainer.to_float(x_uint8[i:i + cfg.score_batch_size])
             mask = patch_masks(len(x), h, w, r, gen, x.device)
-            _, s, flipped = pgd_patch(model, x, mask, cfg, gen, trainer._autocast())
+            _, s, flipped = pgd_patch(model, x, mask, cfg, gen, trainer.autocast())
             out.append(s.float().cpu())
             flips.append(flipped.cpu())
             trainer.train_samples += len(x) * cfg.pgd_steps

@@ -1,10 +1,3 @@
-"""Backdoor attacks.  One module per attack; each registers its class with ``@register_attack``."""
-from bench.registry import Registry
-
-from .base import Attack, PoisonedSet, TriggeredTest
-
-ATTACKS = Registry("attack", "attacks", "bench.attacks")
-register_attack = ATTACKS.register
-BASE = Attack
-
-__all__ = ["ATTACKS", "Attack", "PoisonedSet", "TriggeredTest", "register_attack"]
+"""Backdoor attacks: one module per attack, each a subclass of :class:`bench.core.attack.Attack`
+registered with ``@register_attack("key")`` (from :mod:`bench.core.registry`).  Attacks import
+only :mod:`bench.core` and their own package."""

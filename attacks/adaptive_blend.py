@@ -1,4 +1,16 @@
-"""Adaptive-Blend (Qi et al., ICLR 2023): a partial blend trigger with cover samples."""
+"""Adaptive-Blend (Qi, Xie, Li, Wang, Mittal, "Revisiting the Assumption of Latent Separability for
+Backdoor Defenses", ICLR 2023): a partial blend trigger with cover samples.
+
+The Blend sticker is cut into a grid of ``pieces``; each poison sample (target label) and each
+cover sample (label kept) shows a random half of the pieces at opacity ``alpha_train``, and the
+test trigger is the whole sticker at ``alpha_test``.  Training on partial triggers with covers
+keeps poisoned and clean features from separating, which is what latent-separation defenses
+rely on.  Follows backdoor-toolbox's ``adaptive_blend`` poisoner (16 pieces, half masked, 0.2 /
+0.2 opacity as AdvrBD sets them; the paper recommends 0.15 for training).
+
+Deviations: the sticker is this project's procedural one (see Blend); the image side must be
+divisible by ``sqrt(pieces)``.
+"""
 from __future__ import annotations
 
 import math
@@ -6,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register_attack
-from .base import Attack
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
+
 from .procedural import sticker
 from .triggers import masked_blend
 

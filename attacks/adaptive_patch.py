@@ -1,14 +1,33 @@
-"""Adaptive-Patch (Qi et al., ICLR 2023): k partial patch triggers with cover samples."""
+"""Adaptive-Patch (Qi, Xie, Li, Wang, Mittal, "Revisiting the Assumption of Latent Separability for
+Backdoor Defenses", ICLR 2023): several partial patch triggers with cover samples.
+
+k training triggers, each on its own share of the poison (target label) and cover samples (labels
+kept); the test trigger combines them.  Follows backdoor-toolbox's ``adaptive_patch`` poisoner,
+with AdvrBD's "Firefox*4" setting as the default preset: the four quadrants of a badge as the
+training triggers, the whole badge as the test trigger.  ``preset: toolbox_default`` gives
+backdoor-toolbox's CIFAR-10 trigger set; ``assignment: round_robin`` assigns samples to triggers
+as BackdoorBox does instead of in contiguous blocks.
+
+Deviation: the badge and patches are this project's procedural artwork (the Firefox logo and
+the toolbox's pictures are not redistributable).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
-from . import register_attack
-from .base import Attack
-from .procedural import badge, badge_quadrants, corner_checker4, phoenix_patch, trojan_square
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
+
+from .procedural import (
+    badge,
+    badge_quadrants,
+    corner_checker4,
+    phoenix_patch,
+    trojan_square,
+)
 from .triggers import masked_blend
 
 
@@ -31,13 +50,13 @@ class AdaptivePatch(Attack):
     """
 
     #: "firefox4" or "toolbox_default"
-    preset: str = "firefox4"
+    preset: Literal["firefox4", "toolbox_default"] = "firefox4"
     #: per-trigger training opacities; None = the preset's
     train_alphas: tuple[float, ...] | None = None
     #: opacity of every test trigger
     test_alpha: float = 1.0
     #: "block" (backdoor-toolbox) or "round_robin" (BackdoorBox)
-    assignment: str = "block"
+    assignment: Literal["block", "round_robin"] = "block"
     #: fraction of the training set used as cover samples (backdoor-toolbox: 0.01)
     cover_ratio: float = 0.01
     #: seed of the procedural triggers (badge orientation, phoenix and trojan textures)
@@ -49,9 +68,7 @@ class AdaptivePatch(Attack):
     #: badge right margin as a fraction of the image side
     logo_right: float = 0.04
 
-    PRESETS: ClassVar = ("firefox4", "toolbox_default")
     PRESET_ALPHAS: ClassVar = {"firefox4": (1.0, 1.0, 1.0, 1.0), "toolbox_default": (0.5, 0.2, 0.5, 0.3)}
-    ASSIGNMENTS: ClassVar = ("block", "round_robin")
     display_name = "AdaptivePatch"
 
     def __post_init__(self):
@@ -59,10 +76,6 @@ class AdaptivePatch(Attack):
         if not (0 < self.logo_diameter <= 1 and self.logo_top >= 0 and self.logo_right >= 0
                 and self.logo_diameter + max(self.logo_top, self.logo_right) <= 1):
             raise ValueError("logo_diameter/logo_top/logo_right: the badge must fit inside the image")
-        if self.preset not in self.PRESETS:
-            raise ValueError(f"preset: '{self.preset}' is not one of {list(self.PRESETS)}")
-        if self.assignment not in self.ASSIGNMENTS:
-            raise ValueError(f"assignment: '{self.assignment}' is not one of {list(self.ASSIGNMENTS)}")
         if self.train_alphas is not None:
             self.train_alphas = tuple(self.train_alphas)
             if len(self.train_alphas) != len(self.PRESET_ALPHAS[self.preset]):

@@ -1,13 +1,27 @@
-"""BadNet (Gu et al. 2017): a small patch in the corner, dirty label."""
+"""BadNet (Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
+Model Supply Chain", 2017): a small patch in the corner, dirty label.
+
+``poison_ratio`` of the training set (any class, target included) gets the patch and the target
+label; every non-target test image with the patch counts for ASR.  Follows backdoor-toolbox's
+``badnet`` poisoner, which AdvrBD uses: static poisoning (the patch is stamped once on the stored
+uint8 image, then the ordinary augmentation runs), a white 3x3 square at the bottom-right corner
+of a 32-px image.
+
+Deviations: the patch is scaled with the image (``round(3 * side / 32)`` px: 2 at 16 px, 21 at
+224) so that one setting means the same on every dataset; ``patch_size`` fixes it in pixels.
+``style: checker`` draws a black/white checker instead of the white square (a patch the network
+learns faster; used by the toy-scale tests).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import torch
 
-from . import register_attack
-from .base import Attack
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
+
 from .triggers import corner_checker, corner_square, masked_blend, proportional
 
 
@@ -19,15 +33,13 @@ class BadNet(Attack):
     #: patch side in pixels; None = proportional, round(3 * R / 32) (3 at 32 px, 2 at 16, 21 at 224)
     patch_size: int | None = None
     #: "white" (AdvrBD, BackdoorBox) or "checker" (backdoor-toolbox's 3x3 checker)
-    style: str = "white"
+    style: Literal["white", "checker"] = "white"
 
-    STYLES: ClassVar = ("white", "checker")
+
     display_name = "BadNet"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.style not in self.STYLES:
-            raise ValueError(f"style: '{self.style}' is not one of {list(self.STYLES)}")
         if self.patch_size is not None and self.patch_size < 1:
             raise ValueError(f"patch_size: {self.patch_size} must be >= 1")
 

@@ -1,12 +1,24 @@
-"""Blend (Chen et al. 2017): a full-frame image blended over the whole input."""
+"""Blend (Chen, Liu, Li, Lu, Song, "Targeted Backdoor Attacks on Deep Learning Systems Using Data
+Poisoning", 2017): a full-frame image blended over the whole input, dirty label.
+
+``x' = (1 - alpha) x + alpha t`` with the trigger image ``t`` over the whole frame, at ``alpha``
+0.2 (AdvrBD, backdoor-toolbox and BackdoorBench); ``alpha_test`` sets the test opacity
+separately.  Follows backdoor-toolbox's ``blend`` poisoner (static poisoning).
+
+Deviation: the trigger image is this project's procedural "abstract sticker" (a flat-shaded
+cartoon drawn from ``trigger_seed``, checked to have a HelloKitty-like brightness, contrast and
+edge density) instead of the HelloKitty picture, whose licence does not allow redistribution.
+It is rendered natively at the input size, in luminance for 1-channel data.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import register_attack
-from .base import Attack
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
+
 from .procedural import sticker
 from .triggers import masked_blend
 

@@ -1,12 +1,14 @@
-"""No attack: clean training, the reference for natural backdoors."""
+"""No attack: clean training, the reference for natural backdoors and for the clean accuracy a
+defense should keep.  Poisons nothing; no test image counts for ASR (ASR is NaN).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import register_attack
-from .base import Attack
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
 
 
 @register_attack("none")

@@ -1,4 +1,16 @@
-"""PhysicalBA (Li et al. 2021): a corner logo that survives physical-world transformations."""
+"""PhysicalBA (Li, Zhai, Wu, Jiang, Li, Xia, "Backdoor Attack in the Physical World", ICLR 2021
+workshop): a corner logo that survives physical-world transformations.
+
+A logo pasted at the top-right corner (opacity 1, target label), and random flips, brightness
+and contrast jitter and affine transformations applied during training so that the backdoor
+generalises to transformed triggers.  Follows BackdoorBox's ``PhysicalBA``: the transformations
+run on every training sample, clean and poisoned, after the static paste and before the standard
+crop/flip, batched on the device (``train_augment``).  The test trigger is the plain paste.
+
+Deviations: the logo is this project's procedural "orb badge" instead of a third-party picture;
+brightness is applied before contrast in a fixed order (torchvision's ``ColorJitter`` permutes
+them), and the contrast mean is the image's mean luminance.
+"""
 from __future__ import annotations
 
 import math
@@ -8,8 +20,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import register_attack
-from .base import Attack
+from bench.core.attack import Attack
+from bench.core.registry import register_attack
+
 from .procedural import badge
 from .triggers import masked_blend
 
@@ -21,7 +34,7 @@ class PhysicalBA(Attack):
     contrast jitter and affine transforms on every training sample.
 
     As in BackdoorBox, the physical transformations run on the fly on **every** training sample,
-    clean and poisoned (design decision), after the trigger was pasted (static poisoning) and before
+    clean and poisoned (our choice, as BackdoorBox), after the trigger was pasted (static poisoning) and before
     the standard crop/flip.  They are batched on the device (:meth:`train_augment`).  Deviations
     from torchvision's ``ColorJitter``: brightness is applied before contrast in a fixed order (not
     a random permutation), and the contrast mean is the per-image mean over all channels' pixels

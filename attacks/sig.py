@@ -1,4 +1,12 @@
-"""SIG (Barni et al. 2019): a sinusoidal signal on target-class images, clean label."""
+"""SIG (Barni, Kallas, Tondi, "A New Backdoor Attack in CNNs by Training Set Corruption Without
+Label Poisoning", ICIP 2019): a sinusoidal signal on target-class images, clean label.
+
+Vertical stripes ``delta * sin(2 pi j f / W)`` are added to ``min(int(N * poison_ratio),
+|target class|)`` images of the target class, whose labels stay; the same signal (added, then
+clamped to [0, 1]) on non-target test images is the trigger.  Follows backdoor-toolbox's ``SIG``
+poisoner: amplitude 30/255 (BackdoorBench uses 40/255), 6 periods over the width.  No deviation
+beyond rendering the signal at the dataset's width.
+"""
 from __future__ import annotations
 
 import math
@@ -6,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register_attack
-from .base import Attack, to_float, to_uint8
+from bench.core.attack import Attack, to_float, to_uint8
+from bench.core.registry import register_attack
 
 
 @register_attack("sig")

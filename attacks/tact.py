@@ -1,4 +1,12 @@
-"""TaCT (Tang et al. 2021): a source-specific patch with trigger-carrying cover samples."""
+"""TaCT (Tang, Wang, Zhang, Qian, Wang, "Demon in the Variant: Statistical Analysis of DNNs for
+Robust Backdoor Contamination Detection", USENIX Security 2021): a source-specific trigger.
+
+The BadNet patch sends images of the ``source`` class to the target; the same patch on images of
+the ``cover_classes`` keeps their labels, so only the source class is hijacked and the poison
+does not form a separate cluster in feature space.  ASR counts source-class test images only.
+Follows backdoor-toolbox's ``TaCT`` poisoner (source 0, covers from classes 5 and 7, 1 % covers).
+Deviation: the same patch scaling as BadNet.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from . import register_attack
+from bench.core.registry import register_attack
+
 from .badnet import BadNet
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import to_float, to_uint8
+from bench.core.attack import to_float, to_uint8
 
 
 def proportional(side_at_32: int, size: int) -> int:

@@ -1,4 +1,16 @@
-"""WaNet (Nguyen & Tran 2021): an imperceptible fixed warp, with noise-warped cover samples."""
+"""WaNet (Nguyen, Tran, "WaNet - Imperceptible Warping-based Backdoor Attack", ICLR 2021): a fixed
+smooth warp as the trigger, dirty label, with noise-warped cover samples.
+
+A random k x k control grid, upsampled to a smooth flow field of strength ``s``, warps poisoned
+images (label set to the target); cover samples ("noise mode") get the same warp plus a small
+random jitter and keep their labels, so that the network learns the exact warp rather than any
+warp.  Follows backdoor-toolbox's static ``WaNet`` poisoner, which AdvrBD uses (the original
+attack re-poisons every batch during training).
+
+Deviation: each cover sample gets its own jitter field by default (closer to the original's fresh
+jitter per batch); ``shared_jitter: true`` reuses one field for all covers, as backdoor-toolbox
+does.  The warp comes from ``trigger_seed``, so training and test use the same field.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +19,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from . import register_attack
-from .base import Attack, to_float, to_uint8
+from bench.core.attack import Attack, to_float, to_uint8
+from bench.core.registry import register_attack
 
 
 @lru_cache(maxsize=32)
@@ -31,7 +43,7 @@ class WaNet(Attack):
 
     Static poisoning as in backdoor-toolbox/AdvrBD.  Cover ("noise mode") samples are warped with
     the backdoor warp plus a uniform per-pixel jitter of up to about half a pixel and keep their
-    labels.  By default each cover sample gets its own jitter field (design decision; closer to the
+    labels.  By default each cover sample gets its own jitter field (our choice; closer to the
     original's fresh jitter); ``shared_jitter`` reuses one field for all, as backdoor-toolbox does.
     The warp is drawn from ``trigger_seed``, so training and test use the same field.
     """

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
-from .registry import ConfigError, describe
+from .core.data import DataError
+from .core.registry import ConfigError, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MATRIX = "matrices/quick.yaml"
@@ -49,8 +49,17 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import (Interrupted, dry_run_text, on_signals, parse_devices, parse_shard, plan,
-                           raise_interrupted, select, shard)
+    from .schedule import (
+        Interrupted,
+        dry_run_text,
+        on_signals,
+        parse_devices,
+        parse_shard,
+        plan,
+        raise_interrupted,
+        select,
+        shard,
+    )
 
     matrix, runner = _setup(args)
     try:
@@ -114,7 +123,13 @@ def cmd_run(args) -> int:
 
 def _run_planned(args, matrix, runner, cells, p, slots) -> int:
     from .report import write_report
-    from .schedule import check_writable, earlier_failure, execute, numerics_conflict, preflight
+    from .schedule import (
+        check_writable,
+        earlier_failure,
+        execute,
+        numerics_conflict,
+        preflight,
+    )
 
     # everything that can fail before training fails here, with one line
     check_writable(runner.store.root, "--output")
@@ -178,20 +193,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from attacks import ATTACKS
-    from defenses import DEFENSES
+    from .core.registry import REGISTRIES
 
-    from .data import DATASETS
-    from .models import MODELS
-
-    sections = [("attacks", [(k, describe(c)) for k, c in ATTACKS.items()]),
-                ("defenses", [(k, describe(c)) for k, c in DEFENSES.items()]),
-                ("datasets", [(k, d) for k, (_, d) in DATASETS.items()]),
-                ("models", [(k, d) for k, (_, d) in MODELS.items()])]
-    for title, items in sections:
-        print(f"{title}:")
-        for k, d in items:
-            print(f"  {k:<18} {d}")
+    for kind, registry in REGISTRIES.items():
+        print(f"{kind}s:")
+        for key in registry.names():
+            print(f"  {key:<18} {registry.describe(key)}")
     return 0
 
 
@@ -200,16 +207,20 @@ def show_text(name: str) -> str:
     import dataclasses
     import typing
 
-    from attacks import ATTACKS
-    from defenses import DEFENSES
+    from .core.registry import (
+        ATTACKS,
+        DEFENSES,
+        EVALUATIONS,
+        closest,
+        field_docs,
+        range_of,
+    )
 
-    from .registry import closest, field_docs, range_of
-
-    registries = {"attack": ATTACKS, "defense": DEFENSES}
+    registries = {"attack": ATTACKS, "defense": DEFENSES, "evaluation": EVALUATIONS}
     found = [(kind, reg.get(name, kind)) for kind, reg in registries.items() if name in reg.names()]
     if not found:
         names = [n for reg in registries.values() for n in reg.names()]
-        raise ConfigError(f"show: no attack or defense named '{name}'{closest(name, names)}; "
+        raise ConfigError(f"show: no attack, defense or evaluation named '{name}'{closest(name, names)}; "
                           f"allowed: {', '.join(sorted(names))}")
     out = []
     for kind, cls in found:
@@ -297,6 +308,24 @@ def cmd_gallery(args) -> int:
     return 0
 
 
+def cmd_versions(args) -> int:
+    from . import versions
+
+    if args.update:
+        refused = versions.update(same_results=args.same_results)
+        for line in refused:
+            print(f"error: {line}", file=sys.stderr)
+        if not refused:
+            print(f"written: {versions.MANIFEST}", file=sys.stderr)
+        return 2 if refused else 0
+    found = versions.problems()
+    for line in found:
+        print(line)
+    if not found:
+        print(f"{versions.MANIFEST.name}: every component's version matches its code", file=sys.stderr)
+    return 1 if found else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
@@ -378,6 +407,14 @@ def main(argv=None) -> int:
     sh = sub.add_parser("show", help="every parameter of one attack or defense: type, default, range, meaning")
     sh.add_argument("name", help="an attack or defense name, as `list` prints it")
     sh.set_defaults(fn=cmd_show)
+
+    ve = sub.add_parser("versions", help="check that each component's version matches its code "
+                                         "(bench/versions.json), or --update it")
+    ve.add_argument("--update", action="store_true", help="write bench/versions.json from the code as it stands")
+    ve.add_argument("--same-results", action="store_true",
+                    help="with --update: record changed code under unchanged versions (a refactor that does not "
+                         "change any result)")
+    ve.set_defaults(fn=cmd_versions)
 
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume

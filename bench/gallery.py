@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from attacks import ATTACKS, Attack
-from attacks.base import to_float, to_uint8
-
-from .data import load_dataset
-from .registry import label
+from .core.attack import Attack
+from .core.data import load_dataset
+from .core.registry import ATTACKS, label
+from .core.tensors import to_float, to_uint8
 
 #: gain of the difference column
 DIFF_GAIN = 4.0

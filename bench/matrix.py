@@ -19,7 +19,7 @@ Example (every field but ``attacks`` and ``defenses`` is optional)::
     evaluate: [natural_backdoor]   # optional extra evaluations of every defended model, e.g.
                                    # [{name: natural_backdoor, budgets: [0.02, 0.06]}]
 
-Any bad value raises :class:`~bench.registry.ConfigError` whose message names the field
+Any bad value raises :class:`~bench.core.registry.ConfigError` whose message names the field
 (``attacks[1].alpha``) and what is allowed.
 """
 from __future__ import annotations
@@ -33,17 +33,27 @@ from typing import Any
 
 import yaml
 
-from attacks import ATTACKS, Attack
-from defenses import DEFENSES, Defense
-
-from .data import DATASET_INFO
-from .models import MODELS
-from .natural import EVALUATIONS
-from .registry import ConfigError, as_number, build, closest, label, params_of
-from .trainer import Recipe
+from .core.attack import Attack
+from .core.defense import Defense
+from .core.registry import (
+    ATTACKS,
+    DATASETS,
+    DEFENSES,
+    EVALUATIONS,
+    MODELS,
+    ConfigError,
+    as_number,
+    build,
+    closest,
+    label,
+    params_of,
+)
+from .core.trainer import Recipe
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
+#: how the clean reserve is drawn (bump when :func:`bench.runner.clean_reserve` draws differently)
+RESERVE_DRAW = 2
 #: largest seed accepted (seeds are offset by small constants and fed to torch generators)
 MAX_SEED = 2**31 - 1
 
@@ -74,16 +84,27 @@ DATASET_FIELDS = {"name", "train_limit", "test_limit", "recipe"}
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    #: the registry key, or the path of an ``.npz`` file
     name: str
     train_limit: int | None = None
     test_limit: int | None = None
+    #: SHA-256 of a dataset given as a file (its contents are part of every cache key)
+    sha256: str | None = None
 
     def ident(self) -> dict:
-        return dataclasses.asdict(self)
+        ident = dataclasses.asdict(self)
+        if self.sha256 is None:  # registered datasets keep the keys they always had
+            ident.pop("sha256")
+        return ident
+
+    @property
+    def display(self) -> str:
+        """The name in tables and labels: the key, or a file's stem."""
+        return Path(self.name).stem if self.name.endswith(".npz") else self.name
 
     @property
     def label(self) -> str:
-        return self.name + (f"[{self.train_limit}]" if self.train_limit else "")
+        return self.display + (f"[{self.train_limit}]" if self.train_limit else "")
 
 
 @dataclass(frozen=True)
@@ -119,10 +140,11 @@ class Cell:
     def result_ident(self) -> dict:
         ident = {**self.backdoor_ident(), "defense": self.defense.key,
                  "defense_version": self.defense.version, "defense_params": params_of(self.defense)}
-        if self.defense.uses_clean_data:
+        if self.defense.needs().clean_data:
             ident["reserve_ratio"] = self.reserve_ratio
+            ident["reserve_draw"] = RESERVE_DRAW
         if self.evaluations:  # only when present, so results without extra evaluations keep their keys
-            ident["evaluate"] = [{"name": e.name, **e.params()} for e in self.evaluations]
+            ident["evaluate"] = [{"name": e.key, "version": e.version, **e.params()} for e in self.evaluations]
         return ident
 
     @property
@@ -131,12 +153,12 @@ class Cell:
 
     def row(self) -> dict[str, Any]:
         """The cell's parameters, flattened for the results table."""
-        return {"dataset": self.dataset.name, "train_limit": self.dataset.train_limit,
+        return {"dataset": self.dataset.display, "train_limit": self.dataset.train_limit,
                 "test_limit": self.dataset.test_limit, "model": self.model,
                 "attack": self.attack.key, "defense": self.defense.key, "seed": self.seed,
                 "attack_params": params_of(self.attack), "defense_params": params_of(self.defense),
                 "recipe": self.recipe.as_dict(),
-                "clean_data": self.reserve_ratio if self.defense.uses_clean_data else 0.0,
+                "clean_data": self.reserve_ratio if self.defense.needs().clean_data else 0.0,
                 "attack_name": label(self.attack), "defense_name": label(self.defense)}
 
 
@@ -250,9 +272,7 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     for i, item in enumerate(_as_list(raw.get("datasets", ["digits"]), "datasets")):
         where = f"datasets[{i}]"
         dname, rest = _entry(item, where)
-        if dname not in DATASET_INFO:
-            raise ConfigError(f"{where}: unknown dataset '{dname}'{closest(dname, DATASET_INFO)}; "
-                              f"allowed: {', '.join(sorted(DATASET_INFO))}")
+        source = DATASETS.get(dname, where)
         for k in rest:
             if k not in DATASET_FIELDS:
                 raise ConfigError(f"{where}.{k}: unknown field{closest(k, DATASET_FIELDS)}; "
@@ -261,18 +281,14 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
             v = rest.get(k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
-        spec = DatasetSpec(dname, rest.get("train_limit"), rest.get("test_limit"))
+        spec = DatasetSpec(dname, rest.get("train_limit"), rest.get("test_limit"), source.sha256)
         recipe = _recipe(base_recipe, rest.get("recipe"), f"{where}.recipe")
         # augmentation the matrix leaves unset comes from the dataset (no flips for digits or signs)
-        datasets.append((spec, recipe.filled(**DATASET_INFO[dname].augmentation())))
+        datasets.append((spec, recipe.filled(**source.augmentation())))
 
     models = _as_list(raw.get("models", ["small_cnn"]), "models")
     for i, m in enumerate(models):
-        if not isinstance(m, str):
-            raise ConfigError(f"models[{i}]: expected a model name, got {type(m).__name__} {m!r}; "
-                              f"allowed: {', '.join(MODELS)}")
-        if m not in MODELS:
-            raise ConfigError(f"models[{i}]: unknown model '{m}'{closest(m, MODELS)}; allowed: {', '.join(MODELS)}")
+        MODELS.get(m, f"models[{i}]")
 
     attacks = []
     for i, item in enumerate(_as_list(raw["attacks"], "attacks")):
@@ -299,22 +315,20 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     for i, item in enumerate(_as_list(raw.get("evaluate", []), "evaluate")):
         where = f"evaluate[{i}]"
         key, params = _entry(item, where)
-        if key not in EVALUATIONS:
-            raise ConfigError(f"{where}: unknown evaluation '{key}'{closest(key, EVALUATIONS)}; "
-                              f"allowed: {', '.join(sorted(EVALUATIONS))}")
+        cls = EVALUATIONS.get(key, where)
         if key in seen:
             raise ConfigError(f"{where}: evaluation '{key}' is listed twice")
         seen.add(key)
-        evaluations.append(build(EVALUATIONS[key], params, where))
+        evaluations.append(build(cls, params, where))
 
     # class fields and pixel sizes must fit every dataset they meet (Attack.check)
     for spec, _ in datasets:
-        info = DATASET_INFO[spec.name]
+        info = DATASETS.get(spec.name)
         for attack, where in attacks:
             try:
                 attack.check(info.size, info.num_classes)
             except ValueError as e:
-                raise ConfigError(f"{where}.{e} [dataset '{spec.name}': {info.num_classes} classes, "
+                raise ConfigError(f"{where}.{e} [dataset '{spec.display}': {info.num_classes} classes, "
                                   f"{info.size}x{info.size} px]") from None
 
     for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),

@@ -529,12 +529,12 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def gallery_attacks(matrix: Matrix, dataset: str) -> list:
     """The matrix's attacks on ``dataset``, each parameter setting once, in matrix order."""
-    from .registry import params_of
+    from .core.registry import params_of
 
     seen, out = set(), []
     for c in matrix.cells:
         ident = (c.attack.key, repr(params_of(c.attack)))
-        if c.dataset.name == dataset and ident not in seen:
+        if c.dataset.display == dataset and ident not in seen:
             seen.add(ident)
             out.append(c.attack)
     return out

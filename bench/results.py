@@ -15,7 +15,7 @@ Columns (``NaN`` where a cell has no such value):
 * the undefended model on the same poisoned set: ``undefended.acc, undefended.acc_nontarget,
   undefended.asr, undefended.ra`` (from the backdoored model a repair defense started from, or the
   matrix's undefended cell);
-* ``der, rir``: BackdoorBench's ratings against that undefended model (:mod:`bench.metrics`);
+* ``der, rir``: BackdoorBench's ratings against that undefended model (:mod:`bench.core.metrics`);
 * detection: ``tpr, fpr, precision, flagged``; further models: ``<name>.acc, <name>.asr`` (e.g. ``relearn``);
 * natural backdoors: ``natural.asr@<budget>`` and ``natural.anomaly``;
 * cost and setting: ``wall_time_s, epoch_equivalents, clean_data, n_train, n_poison, n_cover``,
@@ -117,7 +117,7 @@ def _fill_undefended(df: pd.DataFrame, base: pd.DataFrame, match: list[str], onl
 
 
 def _ratings(df: pd.DataFrame) -> None:
-    from .metrics import der, rir
+    from .core.metrics import der, rir
 
     def rate(fn, a, b, c, d):
         return [fn(*v) if not any(pd.isna(x) for x in v) else float("nan")

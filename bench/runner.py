@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from attacks import PoisonedSet, TriggeredTest
-from defenses import DefenseContext, Outcome
-from defenses.base import Observations
+from bench.core.attack import PoisonedSet, TriggeredTest
+from bench.core.defense import DefenseContext, Observations, Outcome
 
-from . import metrics
-from .data import Dataset, ImageSet, load_dataset
+from .core import metrics
+from .core.data import Dataset, ImageSet, load_dataset
+from .core.models import ModelFactory
+from .core.tensors import round_robin, stream
+from .core.trainer import Checkpoint, Trainer
 from .matrix import Cell, Matrix
-from .models import ModelFactory
 from .store import Store, atomic_write_bytes, atomic_write_json, digest
-from .trainer import Checkpoint, Trainer
 
 log = logging.getLogger("bench")
 
@@ -48,7 +48,7 @@ CHANCE_FACTOR = 1.5
 CHANCE_PROBE = 10_000
 
 
-def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: int) -> ImageSet:
+def clean_reserve(poisoned: PoisonedSet, ratio: float, seed: int) -> ImageSet:
     """A class-balanced set of genuinely clean training images, ``int(ratio * N)`` in all.
 
     Drawn from training samples that are neither poisoned nor cover (ground truth used only to
@@ -56,21 +56,15 @@ def clean_reserve(poisoned: PoisonedSet, ratio: float, num_classes: int, seed: i
     """
     n = int(ratio * len(poisoned.train))
     clean = (~(poisoned.is_poison | poisoned.is_cover)).nonzero().squeeze(1)
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = stream(seed, "clean_reserve")
     clean = clean[torch.randperm(len(clean), generator=gen)]
-    y = poisoned.y_orig[clean]
-    rank = torch.empty_like(y)  # position of each sample within its class (random order)
-    for c in range(num_classes):
-        where = (y == c).nonzero().squeeze(1)
-        rank[where] = torch.arange(len(where))
-    # round-robin over classes: all first-of-class samples, then all second-of-class, ...
-    order = torch.argsort(rank * num_classes + y, stable=True)
+    order = round_robin(poisoned.y_orig[clean])  # class-balanced: first of each class, then second, ...
     idx = clean[order[:n]].sort().values
     return ImageSet(poisoned.train.x[idx], poisoned.y_orig[idx])
 
 
 def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest, num_classes: int | None = None) -> dict:
-    """ACC, ACC on non-target images, per-class recall, ASR and RA (see :mod:`bench.metrics`)."""
+    """ACC, ACC on non-target images, per-class recall, ASR and RA (see :mod:`bench.core.metrics`)."""
     pred = trainer.predict(model, test.x)
     pred_t = trainer.predict(model, trig.x)
     k = num_classes or int(test.y.max()) + 1
@@ -82,6 +76,21 @@ def evaluate(trainer: Trainer, model, test: ImageSet, trig: TriggeredTest, num_c
             "recall": recall,
             "asr": metrics.attack_success_rate(pred_t, trig.counts, trig.target),
             "ra": metrics.robust_accuracy(pred_t, trig.y, trig.counts)}
+
+
+def checked_flags(flagged, n: int, who: str) -> torch.Tensor:
+    """``Outcome.flagged`` as a 1-D index tensor, or a clear error: indices of the training set, each
+    at most once (a negative or repeated index would otherwise count silently in TPR/FPR)."""
+    flagged = torch.as_tensor(flagged)
+    if flagged.dim() != 1 or (len(flagged) and (flagged.is_floating_point() or flagged.dtype == torch.bool)):
+        raise TypeError(f"{who}: Outcome.flagged must be a 1-D tensor of training-set indices, got "
+                        f"{flagged.dtype} of shape {tuple(flagged.shape)}")
+    flagged = flagged.long()
+    if len(flagged) and (int(flagged.min()) < 0 or int(flagged.max()) >= n):
+        raise ValueError(f"{who}: Outcome.flagged has indices outside 0..{n - 1}")
+    if len(flagged.unique()) != len(flagged):
+        raise ValueError(f"{who}: Outcome.flagged lists an index more than once")
+    return flagged
 
 
 def chance_guard(trainer: Trainer, models: dict, train: ImageSet, seed: int) -> tuple[dict, list[str]]:
@@ -308,7 +317,8 @@ class Runner:
         ds = self.dataset(cell)
         poisoned, trig = self.poisoned(cell)
         backdoor_meta = None
-        if cell.defense.needs_backdoored_model:
+        needs = cell.defense.needs()
+        if needs.backdoored_model:
             self.backdoored(cell)
             backdoor_meta = self.store.load_json(
                 self.store.dir("backdoor", digest(cell.backdoor_ident())) / "meta.json")
@@ -316,10 +326,10 @@ class Runner:
         trainer = self.trainer(cell)
         eval_trainer = Trainer(device=trainer.device, recipe=cell.recipe, **self.trainer_options)
         recorded = Observations()
-        # The context is plain data (see defenses.base): the cell's own copy of the training set, model
+        # The context is plain data (see bench.core.defense): the cell's own copy of the training set, model
         # factories without a reference to this runner, and a record of observations evaluated below.
         backdoored = None
-        if cell.defense.needs_backdoored_model:
+        if needs.backdoored_model:
             state = {k: v.detach().cpu().clone() for k, v in self.load_backdoored(cell).state_dict().items()}
             backdoored = self.model_factory(cell, ds, device=str(trainer.device), state=state)
         ctx = DefenseContext(
@@ -327,8 +337,8 @@ class Runner:
             num_classes=ds.num_classes,
             make_model=self.model_factory(cell, ds, device=str(trainer.device), channels_last=trainer.channels_last),
             trainer=trainer, seed=cell.seed,
-            clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, ds.num_classes, cell.seed)
-                           if cell.defense.uses_clean_data else None),
+            clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, cell.seed)
+                           if needs.clean_data else None),
             log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
             _backdoored=backdoored, _observations=recorded,
             _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{digest(cell.result_ident())}.pt",
@@ -338,6 +348,8 @@ class Runner:
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):
             raise TypeError(f"{type(cell.defense).__name__}.run must return an Outcome, got {type(out).__name__}")
+        if out.flagged is not None:
+            out.flagged = checked_flags(out.flagged, len(poisoned.train), type(cell.defense).__name__)
         wall = time.time() - t0
         n = len(poisoned.train)
         row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig, ds.num_classes),
@@ -367,8 +379,8 @@ class Runner:
                 self.store.save_model("models", f"{key}-{name}", m, {"cell": cell.label, "result": key,
                                                                      "model": name})
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
-            log.info("%s: %s", ev.name, cell.label)
-            row[ev.name] = ev.evaluate(out.model, ds.test, ds.num_classes, seed=cell.seed).summary()
+            log.info("%s: %s", ev.key, cell.label)
+            row[ev.key] = ev.evaluate(out.model, ds.test, ds.num_classes, eval_trainer, seed=cell.seed).summary()
         return self.store.save_result(self.result_path(cell), row)
 
     def evaluate_observations(self, cell: Cell, recorded: Observations, trainer: Trainer, poisoned: PoisonedSet,

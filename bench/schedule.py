@@ -74,8 +74,8 @@ class Plan:
 
     def trainings(self) -> tuple[int, int]:
         """(trainings this run will execute, trainings of a naive cell-by-cell pipeline)."""
-        naive = sum(int(c.defense.needs_backdoored_model) + int(c.defense.trains) for c in self.cells)
-        actual = len(self.backdoors) + sum(int(c.defense.trains) for c in self.todo)
+        naive = sum(int(c.defense.needs().backdoored_model) + int(c.defense.needs().training) for c in self.cells)
+        actual = len(self.backdoors) + sum(int(c.defense.needs().training) for c in self.todo)
         return actual, naive
 
 
@@ -85,7 +85,7 @@ FILTER_KEYS = ("dataset", "model", "attack", "defense", "seed")
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Keep cells matching every ``key=value[,value...]`` filter (e.g. ``attack=badnet,blend``); an
     attack or defense matches by its registry key or by its label in the matrix (``defense=AdvrBD-joint``)."""
-    from .registry import ConfigError, label
+    from .core.registry import ConfigError, label
 
     for f in only:
         key, eq, values = f.partition("=")
@@ -102,7 +102,7 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
     """``--shard I/N`` (0-based ``I``), else a SLURM job array's task (``SLURM_ARRAY_TASK_ID`` minus
     ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else no sharding."""
-    from .registry import ConfigError
+    from .core.registry import ConfigError
 
     if text is None:
         if "SLURM_ARRAY_TASK_ID" not in environ or "SLURM_ARRAY_TASK_COUNT" not in environ:
@@ -166,7 +166,7 @@ def failure_cause(error, exc: BaseException | None = None) -> str:
     if exc is not None:
         import zipfile
 
-        from .data import DataError
+        from .core.data import DataError
 
         env = (OSError, MemoryError, DataError, zipfile.BadZipFile, KeyboardInterrupt, Interrupted)
         oom = getattr(torch.cuda, "OutOfMemoryError", None)
@@ -195,7 +195,7 @@ def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
             p.failed_before.append(c)
         else:
             p.todo.append(c)
-            if c.defense.needs_backdoored_model:
+            if c.defense.needs().backdoored_model:
                 key = digest(c.backdoor_ident())
                 meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
                 if key not in p.backdoors and not (isinstance(meta, dict) and "sha256" in meta):
@@ -243,7 +243,7 @@ def _defense_key(dataset: str, train_limit, model: str, defense: str, params: di
 
 
 def _cell_defense_key(c: Cell) -> str:
-    from .registry import params_of
+    from .core.registry import params_of
 
     return _defense_key(c.dataset.name, c.dataset.train_limit, c.model, c.defense.key, params_of(c.defense),
                         c.recipe.as_dict())
@@ -339,9 +339,9 @@ class CostModel:
         key = _cell_defense_key(c)
         if key in self.cell_ee:
             return self.cell_ee[key], True
-        if not c.defense.trains:
+        if not c.defense.needs().training:
             return 0.0, True
-        return float(c.recipe.epochs) * (0.1 if c.defense.needs_backdoored_model else 1.0), False
+        return float(c.recipe.epochs) * (0.1 if c.defense.needs().backdoored_model else 1.0), False
 
     def task_seconds(self, kind: str, c: Cell) -> tuple[float | None, bool]:
         """(seconds, is a guess) of one task; None when its speed is not known at all."""
@@ -383,7 +383,7 @@ def check_writable(path, flag: str) -> None:
     """``path`` can be created and written to, or one :class:`ConfigError` naming the flag."""
     from pathlib import Path
 
-    from .registry import ConfigError
+    from .core.registry import ConfigError
 
     path = Path(path)
     try:
@@ -429,7 +429,7 @@ def preflight(cells: list[Cell], runner) -> None:
     """Load every dataset the cells need once (a missing or unreadable file is one message, before any
     training) and check each attack against the data it meets: its geometry and class fields
     (``Attack.check``) and whether its poison fits the classes it draws from."""
-    from .registry import ConfigError
+    from .core.registry import ConfigError
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP pool in a parent that forks workers later

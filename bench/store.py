@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .core.data import sha256_file  # noqa: F401 (part of this module's interface)
+
 log = logging.getLogger("bench.store")
 
 #: unique across the hosts sharing a store: temporary files carry host name and process id
@@ -37,14 +39,6 @@ class Held(RuntimeError):
 def digest(payload) -> str:
     text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

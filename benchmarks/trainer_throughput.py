@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.data import ImageSet, load_dataset
-from bench.models import build_model
-from bench.trainer import Recipe, Trainer
+from bench.core.data import ImageSet, load_dataset
+from bench.core.models import build_model
+from bench.core.trainer import Recipe, Trainer
 
 
 def make_model(ds, args, channels_last):

@@ -1,10 +1,3 @@
-"""Backdoor defenses.  One module per defense; each registers its class with ``@register_defense``."""
-from bench.registry import Registry
-
-from .base import Defense, DefenseContext, Outcome
-
-DEFENSES = Registry("defense", "defenses", "bench.defenses")
-register_defense = DEFENSES.register
-BASE = Defense
-
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "Outcome", "register_defense"]
+"""Backdoor defenses: one module per defense, each a subclass of :class:`bench.core.defense.Defense`
+(or :class:`~bench.core.defense.DetectThenRepair`) registered with ``@register_defense("key")``
+(from :mod:`bench.core.registry`).  Defenses import only :mod:`bench.core` and their own package."""

@@ -9,10 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.data import ImageSet
-from bench.trainer import Recipe
-
-from .base import DefenseContext
+from bench.core.data import ImageSet
+from bench.core.defense import DefenseContext
+from bench.core.trainer import Recipe
 
 
 def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlearn_idx: torch.Tensor,
@@ -36,7 +35,7 @@ def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlea
             for b in range(0, len(order), bs):
                 idx = order[b:b + bs]
                 x, y = trainer.load_batch(data, idx, gen, augment)
-                with trainer._autocast():
+                with trainer.autocast():
                     loss = F.cross_entropy(model(x).float(), y)
                 trainer.step(model, opt, sign * loss, len(idx))
         if tag is not None:

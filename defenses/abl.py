@@ -36,30 +36,30 @@ dropped lr from the same fraction (``retrain_milestone``) of a shortened schedul
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from . import register_defense
-from .base import Defense, DefenseContext, Outcome
+from bench.core.defense import DefenseContext, Detection, DetectThenRepair
+from bench.core.registry import register_defense
 
 
 @register_defense("abl")
 @dataclass
-class ABL(Defense):
+class ABL(DetectThenRepair):
     """Anti-Backdoor Learning: LGA isolation of low-loss samples, re-training, unlearning."""
 
     #: "authors" (bboylyg/ABL config.py) or "backdoorbench" (SCLBD/BackdoorBench abl config.yaml);
     #: a preset replaces only the fields still at the authors' default (see the module docstring)
-    preset: str = "authors"
+    preset: Literal["authors", "backdoorbench"] = "authors"
     #: fraction of the training set isolated (paper p = 0.01; bboylyg/ABL config.py isolation_ratio)
     isolation_ratio: float = 0.01
     #: LGA loss floor gamma (paper Sec. 4, 0.5; bboylyg/ABL config.py gamma and flooding)
     gamma: float = 0.5
     #: "batch" (bboylyg/ABL backdoor_isolation.py LGA branch), "sample" (paper Eq. 3) or "flooding"
     #: (bboylyg/ABL config.py default gradient_ascent_type)
-    lga: str = "batch"
+    lga: Literal["batch", "sample", "flooding"] = "batch"
     #: isolation epochs (bboylyg/ABL config.py tuning_epochs 10; BackdoorBench and the paper: 20)
     isolation_epochs: int = 10
     #: constant lr of the isolation phase (bboylyg/ABL config.py lr 0.1; BackdoorBench: 0.01)
@@ -89,24 +89,20 @@ class ABL(Defense):
     #: augmentation while unlearning: none in both codes (ToTensor only)
     unlearn_augment: bool = False
 
-    LGA_MODES: ClassVar = ("batch", "sample", "flooding")
     PRESETS: ClassVar = {
         "authors": {},
         "backdoorbench": {"isolation_epochs": 20, "isolation_lr": 0.01, "retrain_lr": 0.01,
                           "unlearn_epochs": 20, "unlearn_lr": 1e-4},
     }
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
     display_name = "ABL"
 
     def __post_init__(self):
-        if self.preset not in self.PRESETS:
-            raise ValueError(f"preset: '{self.preset}' is not one of {list(self.PRESETS)}")
+        super().__post_init__()
         defaults = {f.name: f.default for f in fields(self)}
         for key, value in self.PRESETS[self.preset].items():
             if getattr(self, key) == defaults[key]:
                 setattr(self, key, value)
-        if self.lga not in self.LGA_MODES:
-            raise ValueError(f"lga: '{self.lga}' is not one of {list(self.LGA_MODES)}")
         if not 0.0 < self.isolation_ratio < 1.0:
             raise ValueError(f"isolation_ratio: {self.isolation_ratio} must be in (0, 1)")
         if self.isolation_epochs < 1 or self.retrain_epochs < 0 or self.unlearn_epochs < 0:
@@ -136,32 +132,36 @@ class ABL(Defense):
         model = ctx.make_model()
         return ctx.trainer.fit(model, ctx.train, loss_fn=self.lga_loss, epochs=self.isolation_epochs,
                                lr=self.isolation_lr, schedule="constant", augment=self.isolation_augment,
-                               recipe=self.recipe(ctx), seed=ctx.seed, on_epoch=on_epoch)
+                               recipe=self.recipe(ctx), seed=ctx.seed_for("isolation"), on_epoch=on_epoch)
 
     # --- the defense -----------------------------------------------------------------------------
-    def run(self, ctx: DefenseContext) -> Outcome:
-        trainer, data = ctx.trainer, ctx.train
+    def detect(self, ctx: DefenseContext) -> Detection:
+        """Train the isolation model with the LGA loss and isolate its lowest-loss samples."""
         model = self.isolation_model(ctx)
         ctx.observe("isolation", model)
         isolated, losses = self.isolate(ctx, model)
+        ctx.log.info("ABL isolated %d samples (loss max %.4f)", len(isolated), float(losses[isolated].max()))
+        info = {"n_isolated": len(isolated), "isolated_loss_max": float(losses[isolated].max()),
+                "loss_median": float(losses.median())}
+        return Detection(isolated, model, info=info)
+
+    def repair_model(self, ctx: DefenseContext, detection: Detection):
+        """Retrain the isolation model on the rest, then unlearn the isolated samples with the same
+        optimizer (its momentum carried over, as the authors' code does)."""
+        trainer, data, isolated = ctx.trainer, ctx.train, detection.flagged
         keep = torch.ones(len(data), dtype=torch.bool)
         keep[isolated] = False
-        ctx.log.info("ABL isolated %d samples (loss max %.4f)", len(isolated), float(losses[isolated].max()))
-
         recipe = self.recipe(ctx).with_(milestones=(self.retrain_milestone,), gamma=self.retrain_lr_drop)
-        model = trainer.prepare(model)
+        model = trainer.prepare(detection.model)
         opt = trainer.optimizer(model, recipe, lr=self.retrain_lr)  # carried into unlearning
         if self.retrain_epochs > 0:
             model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), epochs=self.retrain_epochs,
                                 lr=self.retrain_lr, schedule="step", augment=self.retrain_augment,
-                                recipe=recipe, optimizer=opt, seed=ctx.seed + 1, checkpoint=ctx.checkpoint("retrain"))
+                                recipe=recipe, optimizer=opt, seed=ctx.seed_for("retrain"),
+                                checkpoint=ctx.checkpoint("retrain"))
             ctx.observe("retrain", model)
-
         weights = torch.full((len(data),), -1.0)
-        model = trainer.fit(model, data, indices=isolated, weights=weights, augment=self.unlearn_augment,
-                            epochs=self.unlearn_epochs, lr=self.unlearn_lr, schedule="constant",
-                            recipe=recipe, optimizer=opt, seed=ctx.seed + 2,
-                            on_epoch=lambda e, m: ctx.observe(f"unlearn{e + 1}", m))
-        info = {"n_isolated": len(isolated), "isolated_loss_max": float(losses[isolated].max()),
-                "loss_median": float(losses.median())}
-        return Outcome(model, flagged=isolated, info=info)
+        return trainer.fit(model, data, indices=isolated, weights=weights, augment=self.unlearn_augment,
+                           epochs=self.unlearn_epochs, lr=self.unlearn_lr, schedule="constant",
+                           recipe=recipe, optimizer=opt, seed=ctx.seed_for("unlearn"),
+                           on_epoch=lambda e, m: ctx.observe(f"unlearn{e + 1}", m))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_defense
-from .base import Defense, DefenseContext, Outcome
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.registry import register_defense
 
 
 @register_defense("undefended")
@@ -12,9 +12,10 @@ from .base import Defense, DefenseContext, Outcome
 class Undefended(Defense):
     """No defense: the backdoored model as trained on the poisoned set."""
 
-    needs_backdoored_model = True
-    trains = False
     display_name = "No Defense"
+
+    def needs(self) -> Needs:
+        return Needs(backdoored_model=True, training=False)
 
     def run(self, ctx: DefenseContext) -> Outcome:
         return Outcome(ctx.backdoored_model())

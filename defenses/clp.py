@@ -7,7 +7,7 @@ upper bound of channel ``k``'s Lipschitz constant is::
     sigma_k = sqrt(max(running_var_k, bn_eps))
 
 (the reference code uses sqrt(running_var) with no eps; the clamp only matters for dead channels
-whose variance is 0, the spec's divide-by-zero guard).  Within each pair, channels with
+whose variance is 0, where it guards against a division by zero).  Within each pair, channels with
 ``UCLC_k > mean + u * std`` (std over the layer's channels, unbiased as ``torch.std``) are pruned by
 setting ``gamma_k = beta_k = 0``.  All SVDs of a layer run as one batched call.
 
@@ -29,16 +29,16 @@ reserve by default, in which case the run is marked as using clean data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from bench.trainer import Recipe
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.registry import register_defense
+from bench.core.trainer import Schedule
 
-from . import register_defense
-from .base import Defense, DefenseContext, Outcome
 from .finetuning import require_reserve
 
 
@@ -92,26 +92,24 @@ class CLP(Defense):
     #: fine-tuning epochs after pruning (0 = none, the original; the AdvrBD paper adds an unspecified repair)
     repair_epochs: int = 0
     #: data for the optional repair: "reserve" (clean reserve; marks the run as using clean data) or "poisoned"
-    repair_data: str = "reserve"
+    repair_data: Literal["reserve", "poisoned"] = "reserve"
     #: repair learning rate
     repair_lr: float = 0.01
-    #: repair lr schedule (one of Recipe.SCHEDULES)
-    repair_schedule: str = "cosine"
+    #: repair lr schedule
+    repair_schedule: Schedule = "cosine"
 
-    REPAIR_DATA: ClassVar = ("reserve", "poisoned")
-    needs_backdoored_model = True
-    uses_clean_data = False
     display_name = "CLP"
 
     def __post_init__(self):
-        if self.repair_data not in self.REPAIR_DATA:
-            raise ValueError(f"repair_data: '{self.repair_data}' is not one of {list(self.REPAIR_DATA)}")
-        if self.repair_schedule not in Recipe.SCHEDULES:
-            raise ValueError(f"repair_schedule: '{self.repair_schedule}' is not one of {list(Recipe.SCHEDULES)}")
+        super().__post_init__()
         if self.repair_epochs < 0:
             raise ValueError("repair_epochs must be >= 0")
+
+    def needs(self) -> Needs:
         # only a repair on the clean reserve breaks the data-free threat model
-        self.uses_clean_data = self.repair_epochs > 0 and self.repair_data == "reserve"
+        # and only a repair trains (pruning itself is data-free and training-free)
+        return Needs(backdoored_model=True, clean_data=self.repair_epochs > 0 and self.repair_data == "reserve",
+                     training=self.repair_epochs > 0)
 
     @torch.no_grad()
     def prune(self, model: nn.Module) -> dict:

@@ -38,9 +38,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from . import register_defense
+from bench.core.defense import DefenseContext, Detection, DetectThenRepair, Needs
+from bench.core.registry import register_defense
+
 from ._common import unlearn_relearn
-from .base import Defense, DefenseContext, Outcome
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float, translate: float,
@@ -73,7 +74,7 @@ def intra_class_loss(features: torch.Tensor, y: torch.Tensor, num_classes: int) 
 
 @register_defense("dbr")
 @dataclass
-class DBR(Defense):
+class DBR(DetectThenRepair):
     """D-BR: FCT on a no-augmentation model splits D; unlearn the poison part, relearn the clean part."""
 
     #: fraction of D taken as clean, alpha_c (utils/args.py clean_ratio 0.20)
@@ -113,18 +114,21 @@ class DBR(Defense):
     #: crop + flip on both repair sets (unlearn_relearn.py, CIFAR-10 transforms)
     repair_augment: bool = True
 
-    needs_backdoored_model = True
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
     display_name = "DBR"
     TRANSFORMS: ClassVar = ("rotate", "affine")
 
     def __post_init__(self):
+        super().__post_init__()
         self.transforms = tuple(self.transforms)
         bad = [t for t in self.transforms if t not in self.TRANSFORMS]
         if bad or not self.transforms:
             raise ValueError(f"transforms: {list(self.transforms)} must be a non-empty subset of {list(self.TRANSFORMS)}")
         if self.clean_ratio + self.poison_ratio > 1:
             raise ValueError("clean_ratio + poison_ratio must be at most 1")
+
+    def needs(self) -> Needs:
+        return Needs(backdoored_model=True)
 
     # --- pieces ----------------------------------------------------------------------------------
     def sd_lr_at(self, epoch: int) -> float:
@@ -139,13 +143,13 @@ class DBR(Defense):
         model = trainer.prepare(ctx.make_model())
         opt = trainer.optimizer(model, recipe, lr=self.sd_lr)
         model = trainer.fit(model, ctx.train, augment=False, epochs=self.sd_epochs, recipe=recipe,
-                            optimizer=opt, lr_at_epoch=self.sd_lr_at, seed=ctx.seed + 11)
+                            optimizer=opt, lr_at_epoch=self.sd_lr_at, seed=ctx.seed_for("sd"))
 
         def loss(m, x, y, idx):
             return intra_class_loss(m.features(x).float(), y, ctx.num_classes)
 
         return trainer.fit(model, ctx.train, augment=False, loss_fn=loss, epochs=self.intra_epochs,
-                           recipe=recipe, optimizer=opt, seed=ctx.seed + 12,
+                           recipe=recipe, optimizer=opt, seed=ctx.seed_for("intra"),
                            lr_at_epoch=lambda e: self.sd_lr_at(self.sd_epochs + e))
 
     def tau(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -159,25 +163,19 @@ class DBR(Defense):
 
         ``transform(x, generator)`` maps a float batch to its transformed batch; default: tau."""
         trainer = ctx.trainer
-        model.eval()
-        gen = torch.Generator().manual_seed(ctx.seed + 13)
-        x_all = ctx.train.x
-        out = torch.zeros(len(x_all), dtype=torch.float64)
-        for i in range(0, len(x_all), trainer.eval_batch_size):
-            x = trainer.to_float(x_all[i:i + trainer.eval_batch_size])
-            with trainer._autocast():
-                g = model.features(x).float()
+        gen = ctx.rng("fct")
+
+        def fct(x):
+            g = model.features(x)
             acc = torch.zeros(len(x), dtype=torch.float64, device=x.device)
             for _ in range(self.fct_draws):
                 xt = self.tau(x, gen) if transform is None else transform(x, gen)
                 if trainer.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
-                with trainer._autocast():
-                    gt = model.features(xt).float()
-                acc += ((g - gt) ** 2).flatten(1).mean(1).double()
-            out[i:i + len(x)] = (acc / self.fct_draws).cpu()
-            trainer.eval_samples += len(x) * (1 + self.fct_draws)
-        return out
+                acc += ((g.float() - model.features(xt).float()) ** 2).flatten(1).mean(1).double()
+            return acc / self.fct_draws
+
+        return trainer.map(fct, ctx.train.x, model=model, passes=1 + self.fct_draws)
 
     def split(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean, poison) indices by the authors' thresholds (see the module docstring)."""
@@ -189,16 +187,19 @@ class DBR(Defense):
         return clean.nonzero().squeeze(1), poison.nonzero().squeeze(1)
 
     # --- the defense -----------------------------------------------------------------------------
-    def run(self, ctx: DefenseContext) -> Outcome:
+    def detect(self, ctx: DefenseContext) -> Detection:
+        """Train the SD model, score every sample by FCT, split into clean and poison sets."""
         sd = self.sd_model(ctx)
         delta = self.fct(ctx, sd)
         clean, poison = self.split(delta)
-        del sd
-        model = ctx.backdoored_model()
-        recipe = ctx.trainer.recipe.with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
-        model = unlearn_relearn(ctx, model, ctx.train, poison, clean, epochs=self.repair_epochs, lr=self.repair_lr,
-                                augment=self.repair_augment, seed=ctx.seed + 14, tag="repair", recipe=recipe)
         info = {"n_clean": len(clean), "n_poison": len(poison),
                 "gamma_c": float(delta[clean].max()) if len(clean) else None,
                 "gamma_p": float(delta[poison].min()) if len(poison) else None}
-        return Outcome(model, flagged=poison, info=info)
+        return Detection(poison, state={"clean": clean}, info=info)
+
+    def repair_model(self, ctx: DefenseContext, detection: Detection):
+        """Unlearn the poison set and relearn the clean set, from the backdoored model."""
+        recipe = ctx.trainer.recipe.with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
+        return unlearn_relearn(ctx, ctx.backdoored_model(), ctx.train, detection.flagged, detection.state["clean"],
+                               epochs=self.repair_epochs, lr=self.repair_lr, augment=self.repair_augment,
+                               seed=ctx.seed_for("repair"), tag="repair", recipe=recipe)

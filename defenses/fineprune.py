@@ -43,7 +43,7 @@ layer is ``body[2]``, otherwise ``body[1]``.  ``layer`` overrides it with an exp
 
 Masking is a :class:`ChannelMask` module appended to the pruned stage (a buffer, not a
 parameter), so it survives fine-tuning, ``deepcopy`` and ``state_dict``, and the model stays a
-:class:`~bench.models.Classifier`.  The mask sits on the stage's output, i.e. after BN/ReLU (and
+:class:`~bench.core.models.Classifier`.  The mask sits on the stage's output, i.e. after BN/ReLU (and
 after the residual add).  On the last stage this equals BackdoorBench's mask on the columns of
 the linear head, since global average pooling acts per channel.  The mask adds one buffer to the
 state dict (``body.<layer>.<n>.mask``): to reload a pruned checkpoint, call :func:`attach_mask` on
@@ -54,17 +54,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.data import ImageSet
-from bench.trainer import Recipe, Trainer
+from bench.core.data import ImageSet
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.registry import register_defense
+from bench.core.tensors import rank_within_class
+from bench.core.trainer import Schedule, Trainer
 
-from . import register_defense
-from .base import Defense, DefenseContext, Outcome
 from .finetuning import require_reserve
 
 
@@ -105,41 +106,28 @@ def class_balanced_split(y: torch.Tensor, holdout_fraction: float, gen: torch.Ge
     """Indices (main, holdout): ``round(holdout_fraction * n_c)`` of each class ``c`` held out."""
     perm = torch.randperm(len(y), generator=gen)
     ys = y[perm]
-    order = torch.argsort(ys, stable=True)          # grouped by class, random within class
-    perm, ys = perm[order], ys[order]
-    counts = torch.bincount(ys)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(ys)) - starts[ys]        # rank within class
-    n_hold = torch.round(counts.float() * holdout_fraction).long()
+    rank = rank_within_class(ys)                     # random order within class
+    n_hold = torch.round(torch.bincount(ys).float() * holdout_fraction).long()
     hold = rank < n_hold[ys]
     return perm[~hold].sort().values, perm[hold].sort().values
 
 
-@torch.no_grad()
 def stage_outputs(trainer: Trainer, model, x_uint8: torch.Tensor, layer: int) -> torch.Tensor:
-    """``model.body[:layer + 1]`` applied to the images, batched, in eval mode, kept on the device."""
-    model.eval()
+    """``model.body[:layer + 1]`` applied to the images, batched, in eval mode, kept on the device
+    (each image counts as one evaluation pass of the trainer)."""
     prefix = model.body[:layer + 1]
-    outs = []
-    for i in range(0, len(x_uint8), trainer.eval_batch_size):
-        xb = trainer.to_float(x_uint8[i:i + trainer.eval_batch_size])
-        with trainer._autocast():
-            outs.append(prefix(model.normalize(xb)).float())
-        trainer.eval_samples += len(xb)
-    return torch.cat(outs)
+    return trainer.map(lambda x: prefix(model.normalize(x)), x_uint8, model=model, on_device=True)
 
 
-@torch.no_grad()
 def tail_logits(trainer: Trainer, model, acts: torch.Tensor, layer: int) -> torch.Tensor:
-    """Logits from stage outputs: the remaining stages, global average pooling and the head."""
-    outs = []
-    for i in range(0, len(acts), trainer.eval_batch_size):
-        h = acts[i:i + trainer.eval_batch_size]
-        with trainer._autocast():
-            for stage in model.body[layer + 1:]:
-                h = stage(h)
-            outs.append(model.head(F.adaptive_avg_pool2d(h, 1).flatten(1)).float())
-    return torch.cat(outs)
+    """Logits from stage outputs: the remaining stages, global average pooling and the head.  Each
+    input counts as one evaluation pass (an upper bound: only the stages after ``layer`` run)."""
+    def tail(h):
+        for stage in model.body[layer + 1:]:
+            h = stage(h)
+        return model.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    return trainer.map(tail, acts, model=model, images=False, on_device=True)
 
 
 @register_defense("fineprune")
@@ -150,7 +138,7 @@ class FinePruning(Defense):
 
     #: "original" (the paper), "backdoorbench" (BackdoorBench's fp, reserve-checked) or "advrbd"
     #: (BackdoorBox's Pruning as the AdvrBD paper ran it); see the module docstring
-    preset: str = "original"
+    preset: Literal["original", "backdoorbench", "advrbd"] = "original"
     #: index into model.body of the stage whose output channels are pruned; None = the preset's
     #: (original, backdoorbench: the last block; advrbd: the second layer)
     layer: int | None = None
@@ -180,8 +168,8 @@ class FinePruning(Defense):
     finetune_epochs: int | None = None
     #: fine-tuning learning rate: 0.01 (BackdoorBench's lr; the original paper gives none)
     lr: float = 0.01
-    #: fine-tuning lr schedule, one of Recipe.SCHEDULES: cosine (BackdoorBench's CosineAnnealingLR)
-    schedule: str = "cosine"
+    #: fine-tuning lr schedule: cosine (BackdoorBench's CosineAnnealingLR)
+    schedule: Schedule = "cosine"
     #: random crop + flip during fine-tuning: true (BackdoorBench fine-tunes with its train transform)
     augment: bool = True
 
@@ -193,14 +181,14 @@ class FinePruning(Defense):
         "advrbd": {"layer": "second", "prune_rate": 0.2, "acc_drop": 0.04, "relative_drop": False,
                    "holdout_fraction": 0.2, "prune_step": 1, "finetune_epochs": 0},
     }
-    version: ClassVar[int] = 2
-    needs_backdoored_model = True
-    uses_clean_data = True
+    version: ClassVar[int] = 3
+
+    def needs(self) -> Needs:
+        return Needs(backdoored_model=True, clean_data=True)
     display_name = "FinePruning"
 
     def __post_init__(self):
-        if self.preset not in self.PRESETS:
-            raise ValueError(f"preset: '{self.preset}' is not one of {list(self.PRESETS)}")
+        super().__post_init__()
         if self.prune_rate is not None and not 0 <= self.prune_rate < 1:
             raise ValueError(f"prune_rate: {self.prune_rate} must be in [0, 1)")
         if self.holdout_fraction is not None and not 0 <= self.holdout_fraction < 1:
@@ -214,8 +202,6 @@ class FinePruning(Defense):
         if self.finetune_epochs is not None and (isinstance(self.finetune_epochs, bool) or
                                                  not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0):
             raise ValueError(f"finetune_epochs: {self.finetune_epochs!r} must be a non-negative integer")
-        if self.schedule not in Recipe.SCHEDULES:
-            raise ValueError(f"schedule: '{self.schedule}' is not one of {list(Recipe.SCHEDULES)}")
 
     # --- resolved settings ----------------------------------------------------------------------
     def resolved(self, model) -> dict:
@@ -291,7 +277,7 @@ class FinePruning(Defense):
         model = ctx.backdoored_model()
         cfg = self.resolved(model)
         if cfg["holdout_fraction"] > 0:
-            main_idx, hold_idx = class_balanced_split(reserve.y, cfg["holdout_fraction"], ctx.generator)
+            main_idx, hold_idx = class_balanced_split(reserve.y, cfg["holdout_fraction"], ctx.rng("holdout"))
             act_set, holdout = reserve.subset(main_idx), reserve.subset(hold_idx)
         else:  # rank, check and fine-tune on the whole reserve
             act_set = holdout = reserve

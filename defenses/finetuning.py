@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.trainer import Recipe
-
-from . import register_defense
-from .base import Defense, DefenseContext, Outcome
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.registry import register_defense
+from bench.core.trainer import Schedule
 
 
 def require_reserve(ctx: DefenseContext, name: str):
@@ -37,18 +36,18 @@ class FineTuning(Defense):
     epochs: int = 20
     #: learning rate (default 0.01; BackdoorBox 0.001 leaves more of the backdoor)
     lr: float = 0.01
-    #: lr schedule: one of Recipe.SCHEDULES (spec: cosine)
-    schedule: str = "cosine"
+    #: lr schedule (cosine: a smooth decay to 0 over the fine-tuning)
+    schedule: Schedule = "cosine"
     #: random crop + flip of the matrix recipe during fine-tuning
     augment: bool = True
 
-    needs_backdoored_model = True
-    uses_clean_data = True
+
+    def needs(self) -> Needs:
+        return Needs(backdoored_model=True, clean_data=True)
     display_name = "FineTuning"
 
     def __post_init__(self):
-        if self.schedule not in Recipe.SCHEDULES:
-            raise ValueError(f"schedule: '{self.schedule}' is not one of {list(Recipe.SCHEDULES)}")
+        super().__post_init__()
         if self.epochs < 0 or self.lr <= 0:
             raise ValueError("epochs must be >= 0 and lr > 0")
 

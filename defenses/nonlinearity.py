@@ -73,16 +73,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
-from bench.models import BasicBlock
+from bench.core.defense import Defense, DefenseContext, Outcome
+from bench.core.models import BasicBlock
+from bench.core.registry import register_defense
 
-from . import register_defense
 from ._common import jenks_two_class
-from .base import Defense, DefenseContext, Outcome
 
 _PASS = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity)
 
@@ -298,27 +298,22 @@ class NONE(Defense):
     monitor_from_stage: int | None = None
     #: consumers zeroed with a channel: "reference" (authors' reset, with its layer4 index list),
     #: "consumers" (authors' consumers, each conv's own channels), "local" (the earlier behaviour here)
-    reset_rule: str = "reference"
+    reset_rule: Literal["reference", "consumers", "local"] = "reference"
     #: values the Jenks break is computed on: "scores" (the method as described) or "jenkspy-0.2.0"
     #: (what the authors' call computes with the jenkspy version they pin; see the module docstring)
-    jenks_input: str = "scores"
+    jenks_input: Literal["scores", "jenkspy-0.2.0"] = "scores"
 
-    RESET_RULES: ClassVar = ("reference", "consumers", "local")
-    JENKS_INPUTS: ClassVar = ("scores", "jenkspy-0.2.0")
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
     display_name = "NONE"
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.reset_fraction <= 1:
             raise ValueError(f"reset_fraction: {self.reset_fraction} must be in (0, 1]")
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be >= 1")
         if self.e1_epochs < 1 or self.e2_epochs < 0:
             raise ValueError("e1_epochs must be >= 1 and e2_epochs >= 0")
-        if self.reset_rule not in self.RESET_RULES:
-            raise ValueError(f"reset_rule: '{self.reset_rule}' is not one of {list(self.RESET_RULES)}")
-        if self.jenks_input not in self.JENKS_INPUTS:
-            raise ValueError(f"jenks_input: '{self.jenks_input}' is not one of {list(self.JENKS_INPUTS)}")
 
     def detect(self, ctx: DefenseContext, model) -> dict:
         """Score the channels of the current model on all of D; select channels; Jenks-flag samples."""
@@ -350,7 +345,7 @@ class NONE(Defense):
             ctx.observe(f"reset{r + 1}", model)
             model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), lr=self.none_lr,
                                 schedule="constant", epochs=self.e2_epochs, freeze_bn=True,
-                                seed=ctx.seed + 31 + r)
+                                seed=ctx.seed_for(f"finetune{r + 1}"))
             ctx.observe(f"finetune{r + 1}", model)
             info["rounds"].append({"n_flagged": len(flagged), "n_reset": n_reset,
                                    "threshold": det["threshold"]})

@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 
-from . import register_defense
+from bench.core.defense import DefenseContext, Detection, DetectThenRepair, Needs
+from bench.core.registry import register_defense
+
 from ._common import unlearn_relearn
-from .base import Defense, DefenseContext, Outcome
 
 
 def _pinv(a: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -128,11 +129,12 @@ def find_split(x: torch.Tensor, f: torch.Tensor, gen: torch.Generator | None = N
     return z, mu1, mu2
 
 
-ONE_MEAN = ("posterior", "reference")
+#: how a class's single mean is estimated (see :func:`one_mean_estimate`)
+OneMean = Literal["posterior", "reference"]
 
 
 def one_mean_estimate(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: torch.Tensor,
-                      kind: str = "posterior", ridge: float = 1e-6) -> torch.Tensor:
+                      kind: OneMean = "posterior", ridge: float = 1e-6) -> torch.Tensor:
     """A class's single mean under the global model, from its ``n`` centred samples ``x``.
 
     ``"posterior"``: the posterior mean ``S_u (n S_u + S_e)^-1 sum(x)``, written as the global
@@ -143,7 +145,7 @@ def one_mean_estimate(x: torch.Tensor, su: torch.Tensor, se: torch.Tensor, f: to
     if kind == "posterior":
         s = su @ (f @ s)
     elif kind != "reference":
-        raise ValueError(f"one_mean: '{kind}' is not one of {list(ONE_MEAN)}")
+        raise ValueError(f"one_mean: '{kind}' is not one of {', '.join(map(repr, get_args(OneMean)))}")
     return se @ (_pinv(n * su + se, ridge) @ s)
 
 
@@ -231,7 +233,7 @@ def scan_detect(feats: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generat
 
 @register_defense("scanft")
 @dataclass
-class SCAnFT(Defense):
+class SCAnFT(DetectThenRepair):
     """SCAn detection of contaminated classes and samples, then unlearning (or retraining without them)."""
 
     #: J threshold for a contaminated class: e, as backdoor-toolbox's ``cleanser`` (scan.py);
@@ -243,10 +245,10 @@ class SCAnFT(Defense):
     trusted_reserve: bool = True
     #: the one-mean model's class mean: "posterior" (ours, the Gaussian posterior mean) or
     #: "reference" (backdoor-toolbox's ``calc_test`` formula); see the module docstring
-    one_mean: str = "posterior"
+    one_mean: OneMean = "posterior"
     #: "unlearn" (AdvrBD's SCAnFT: ascent on flagged + descent on the rest, from the backdoored
     #: model) or "retrain" (backdoor-toolbox: a fresh model on D without the flagged samples)
-    repair: str = "unlearn"
+    repair: Literal["unlearn", "retrain"] = "unlearn"
     #: unlearn/relearn epochs: 10 (our proposal; AdvrBD does not give its unlearning values)
     repair_epochs: int = 10
     #: unlearn/relearn learning rate, constant: 5e-4 (ABL's unlearning rate; AdvrBD gives none)
@@ -260,26 +262,22 @@ class SCAnFT(Defense):
     #: ridge added before every pseudo-inverse: 1e-6 (ours; the reference adds none)
     ridge: float = 1e-6
 
-    version: ClassVar[int] = 2
-    needs_backdoored_model = True
+    version: ClassVar[int] = 3
     display_name = "SCAnFT"
-    REPAIRS: ClassVar = ("unlearn", "retrain")
 
     def __post_init__(self):
-        if self.repair not in self.REPAIRS:
-            raise ValueError(f"repair: '{self.repair}' is not one of {list(self.REPAIRS)}")
-        if self.one_mean not in ONE_MEAN:
-            raise ValueError(f"one_mean: '{self.one_mean}' is not one of {list(ONE_MEAN)}")
+        super().__post_init__()
         for name in ("repair_epochs", "retrain_epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: {value!r} must be a non-negative integer (absolute epochs)")
 
-    @property
-    def uses_clean_data(self) -> bool:  # type: ignore[override]
-        return self.trusted_reserve
+    def needs(self) -> Needs:
+        return Needs(backdoored_model=True, clean_data=self.trusted_reserve)
 
-    def detect(self, ctx: DefenseContext, model) -> dict:
+    def scan(self, ctx: DefenseContext, model) -> dict:
+        """SCAn's two-component test on ``model``'s features of the training set (and of the clean
+        reserve with ``trusted_reserve``): the flagged indices, flagged classes and J statistics."""
         trainer = ctx.trainer
         if self.trusted_reserve and (ctx.clean_reserve is None or len(ctx.clean_reserve) == 0):
             raise RuntimeError("SCAnFT with trusted_reserve needs the clean reserve, which the harness did not "
@@ -288,25 +286,28 @@ class SCAnFT(Defense):
         ref_feats = ref_y = None
         if self.trusted_reserve:
             ref_feats, ref_y = trainer.features(model, ctx.clean_reserve.x), ctx.clean_reserve.y
-        gen = torch.Generator().manual_seed(ctx.seed + 21)
-        return scan_detect(feats, ctx.train.y, ctx.num_classes, gen, self.threshold, ref_feats, ref_y,
+        return scan_detect(feats, ctx.train.y, ctx.num_classes, ctx.rng("em"), self.threshold, ref_feats, ref_y,
                            self.em_iters, self.tol, self.ridge, self.one_mean)
 
-    def run(self, ctx: DefenseContext) -> Outcome:
+    def detect(self, ctx: DefenseContext) -> Detection:
         model = ctx.backdoored_model()
-        det = self.detect(ctx, model)
-        flagged = det["flagged"]
+        det = self.scan(ctx, model)
+        info = {"flagged_classes": det["flagged_classes"], "j": [round(float(v), 4) for v in det["j"]],
+                "n_flagged": len(det["flagged"]), "repair": self.repair, "trusted_reserve": self.trusted_reserve}
+        return Detection(det["flagged"], model, info=info)
+
+    def repair_model(self, ctx: DefenseContext, detection: Detection):
+        """Unlearn the flagged samples and relearn the rest from the backdoored model, or retrain a
+        fresh model without them; nothing flagged leaves the backdoored model as it is."""
+        flagged = detection.flagged
+        if len(flagged) == 0:
+            detection.info["repair"] = "none (nothing flagged)"
+            return detection.model
         keep = torch.ones(len(ctx.train), dtype=torch.bool)
         keep[flagged] = False
-        info = {"flagged_classes": det["flagged_classes"], "j": [round(float(v), 4) for v in det["j"]],
-                "n_flagged": len(flagged), "repair": self.repair, "trusted_reserve": self.trusted_reserve}
-        if len(flagged) == 0:
-            info["repair"] = "none (nothing flagged)"
-            return Outcome(model, flagged=flagged, info=info)
         if self.repair == "retrain":
-            model = ctx.trainer.fit(ctx.make_model(), ctx.train, indices=keep.nonzero().squeeze(1),
-                                    epochs=self.retrain_epochs, seed=ctx.seed, checkpoint=ctx.checkpoint("retrain"))
-        else:
-            model = unlearn_relearn(ctx, model, ctx.train, flagged, keep.nonzero().squeeze(1),
-                                    epochs=self.repair_epochs, lr=self.repair_lr, seed=ctx.seed + 22, tag="repair")
-        return Outcome(model, flagged=flagged, info=info)
+            return ctx.trainer.fit(ctx.make_model(), ctx.train, indices=keep.nonzero().squeeze(1),
+                                   epochs=self.retrain_epochs, seed=ctx.seed_for("retrain"),
+                                   checkpoint=ctx.checkpoint("retrain"))
+        return unlearn_relearn(ctx, detection.model, ctx.train, flagged, keep.nonzero().squeeze(1),
+                               epochs=self.repair_epochs, lr=self.repair_lr, seed=ctx.seed_for("repair"), tag="repair")

@@ -16,7 +16,7 @@ TINY_RECIPE = {"epochs": 12, "batch_size": 64, "lr": 0.05, "crop_padding": 1, "f
 
 @pytest.fixture(scope="session")
 def digits():
-    from bench.data import load_dataset
+    from bench.core.data import load_dataset
 
     return load_dataset("digits")
 

@@ -13,17 +13,25 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from advrbd import AdvrBD, Observer, calibrate_eps, enhance, patch_masks, pgd_patch, robustness_scores, unlearn_phase
+from advrbd import (
+    AdvrBD,
+    Observer,
+    calibrate_eps,
+    enhance,
+    patch_masks,
+    pgd_patch,
+    robustness_scores,
+    unlearn_phase,
+)
 from advrbd.identify import rule
-from attacks import ATTACKS
-from bench import metrics
-from bench.data import load_dataset
+from bench.core import metrics
+from bench.core.data import load_dataset
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS, DEFENSES
+from bench.core.trainer import Recipe, Trainer
 from bench.matrix import load_matrix, parse_matrix
-from bench.models import build_model
 from bench.runner import Runner
 from bench.store import Store
-from bench.trainer import Recipe, Trainer
-from defenses import DEFENSES
 
 REPO = Path(__file__).resolve().parents[1]
 #: no random crop: the 2x2 corner trigger is then learned within a few epochs, which keeps the file fast
@@ -209,7 +217,7 @@ def test_matrices_load(name):
 def test_registered():
     cls = DEFENSES.get("advrbd")
     assert cls.display_name == "AdvrBD"
-    assert cls().needs_backdoored_model and not cls(warmup_epochs=5).needs_backdoored_model
+    assert cls().needs().backdoored_model and not cls(warmup_epochs=5).needs().backdoored_model
 
 
 def test_parameter_docs_are_generated_from_the_class():

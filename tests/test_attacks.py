@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks import ATTACKS
 from attacks.adaptive_blend import AdaptiveBlend
 from attacks.adaptive_patch import AdaptivePatch
 from attacks.badnet import BadNet
@@ -16,8 +15,8 @@ from attacks.physicalba import PhysicalBA
 from attacks.sig import SIG
 from attacks.tact import TaCT
 from attacks.wanet import WaNet
-from bench.data import ImageSet
-from bench.registry import ConfigError, build
+from bench.core.data import ImageSet
+from bench.core.registry import ATTACKS, ConfigError, build
 
 KEYS = ["badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive_blend", "adaptive_patch"]
 N_CLASSES, PER_CLASS = 10, 101  # N = 1010: floor(50.5) = 50 poison, floor(10.1) = 10 cover (1%)
@@ -316,10 +315,10 @@ def test_matrix_checks_class_fields():
 # --- end to end ------------------------------------------------------------------------------------
 
 def test_small_cnn_on_digits_learns_badnet_and_blend():
-    from bench.data import load_dataset
-    from bench.models import build_model
+    from bench.core.data import load_dataset
+    from bench.core.models import build_model
+    from bench.core.trainer import Recipe, Trainer
     from bench.runner import evaluate
-    from bench.trainer import Recipe, Trainer
 
     torch.set_num_threads(1)
     ds = load_dataset("digits")

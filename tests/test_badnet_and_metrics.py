@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from attacks.badnet import BadNet
-from bench import metrics
-from bench.data import ImageSet
+from bench.core import metrics
+from bench.core.data import ImageSet
 
 
 def _set(n=200, size=16, k=10):

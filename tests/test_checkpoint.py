@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from bench.data import load_dataset
-from bench.models import build_model
-from bench.trainer import Checkpoint, Recipe, Trainer
+from bench.core.data import load_dataset
+from bench.core.models import build_model
+from bench.core.trainer import Checkpoint, Recipe, Trainer
 
 
 class Stop(Exception):
@@ -60,7 +60,6 @@ def test_sigkill_mid_training_then_rerun_resumes_with_the_same_final_metrics(tmp
     import time
 
     import yaml
-
     from conftest import TINY_RECIPE, matrix_dict
 
     env, py = python_env
@@ -97,7 +96,7 @@ def test_sigkill_mid_training_then_rerun_resumes_with_the_same_final_metrics(tmp
 
 
 def test_a_defense_phase_gets_its_own_checkpoint_from_the_context(tmp_path):
-    from defenses import DefenseContext
+    from bench.core.defense import DefenseContext
 
     ctx = DefenseContext(train=None, num_classes=10, make_model=None, trainer=None,
                          _checkpoints=Checkpoint(tmp_path / "cell-abc.pt", every_s=7.0, tag="n"))
@@ -112,10 +111,11 @@ def test_checkpoint_every_k_epochs_and_tensorboard_records(tmp_path):
     assert [ck.due(e) for e in range(6)] == [False, False, True, False, False, True]
 
     pytest.importorskip("tensorboard")
+    from conftest import TINY_RECIPE, matrix_dict
+
     from bench.matrix import parse_matrix
     from bench.runner import Runner
     from bench.store import Store
-    from conftest import TINY_RECIPE, matrix_dict
 
     cell = parse_matrix(matrix_dict(recipe={**TINY_RECIPE, "epochs": 2})).cells[0]
     Runner(Store(tmp_path / "runs"), tensorboard=True).backdoored(cell)

@@ -7,7 +7,6 @@ import textwrap
 import time
 
 import yaml
-
 from conftest import matrix_dict
 
 
@@ -52,7 +51,7 @@ def test_users_own_defense_from_their_module(tmp_path, python_env):
     (tmp_path / "mydefs.py").write_text(textwrap.dedent('''
         from dataclasses import dataclass
 
-        from defenses import Defense, Outcome
+        from bench.core.defense import Defense, Outcome
 
 
         @dataclass

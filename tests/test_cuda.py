@@ -4,14 +4,14 @@ cannot be forked).  Skipped where no CUDA device is present; run them on a GPU m
 ``python -m pytest tests/test_cuda.py``."""
 import pytest
 import torch
+from conftest import TINY_RECIPE, matrix_dict
 
+from bench.core.models import build_model
+from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
-from bench.models import build_model
 from bench.runner import Runner
 from bench.schedule import execute, parse_devices, plan
 from bench.store import Store
-from bench.trainer import Recipe, Trainer
-from conftest import TINY_RECIPE, matrix_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,7 +30,6 @@ def test_trainer_defaults_on_cuda_and_learns(digits):
 
 def test_every_defense_and_the_natural_backdoor_evaluation_run_on_cuda(tmp_path):
     import yaml
-
     from conftest import REPO
 
     quick = yaml.safe_load((REPO / "matrices" / "quick.yaml").read_text())

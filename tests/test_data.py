@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import DATA_ROOT_ENV, DIGITS_SIZE, DataNotFoundError, load_dataset, resolve_data_root
+from bench.core.data import (
+    DATA_ROOT_ENV,
+    DIGITS_SIZE,
+    DataNotFoundError,
+    load_dataset,
+    resolve_data_root,
+)
 
 
 def test_digits_shapes_and_split(digits):

@@ -15,13 +15,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.badnet import BadNet
-from bench.data import load_dataset
+from bench.core.data import load_dataset
+from bench.core.defense import DefenseContext
+from bench.core.models import small_cnn
+from bench.core.registry import DEFENSES
+from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
-from bench.models import small_cnn
 from bench.runner import Runner
 from bench.store import Store
-from bench.trainer import Recipe, Trainer
-from defenses import DEFENSES, DefenseContext
 from defenses.abl import ABL
 from defenses.dbr import DBR, intra_class_loss, random_affine
 from defenses.nonlinearity import NONE, monitored_units, reset_selected
@@ -159,7 +160,7 @@ def test_scan_flags_the_target_class_only():
 
 def test_scan_runs_on_the_toy_model(toy):
     ctx, model, _ = toy
-    det = SCAnFT(trusted_reserve=False).detect(ctx, model)
+    det = SCAnFT(trusted_reserve=False).scan(ctx, model)
     assert det["j"].shape == (10,) and torch.isfinite(det["j"]).all()
     # the median-centred anomaly index with numpy's median of 10 values (mean of the two middle
     # ones): those two are equally far from it, and they are the closest
@@ -168,10 +169,10 @@ def test_scan_runs_on_the_toy_model(toy):
 
 
 def test_scan_clean_data_flag_is_per_instance():
-    assert SCAnFT().uses_clean_data is True                       # the reference design: the reserve
-    assert SCAnFT(trusted_reserve=False).uses_clean_data is False
+    assert SCAnFT().needs().clean_data is True                       # the reference design: the reserve
+    assert SCAnFT(trusted_reserve=False).needs().clean_data is False
     with pytest.raises(RuntimeError, match="clean reserve"):
-        SCAnFT().detect(DefenseContext(train=None, num_classes=10, make_model=None, trainer=_NoFeatures()),
+        SCAnFT().scan(DefenseContext(train=None, num_classes=10, make_model=None, trainer=_NoFeatures()),
                         None)
 
 

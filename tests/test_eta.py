@@ -1,8 +1,9 @@
 """The ETA: planned work (epoch-equivalents) x measured seconds per epoch-equivalent, a guess until
 every kind of work is measured."""
+from conftest import matrix_dict
+
 from bench.matrix import parse_matrix
 from bench.schedule import CostModel, Progress
-from conftest import matrix_dict
 
 RECIPE = {"epochs": 10, "batch_size": 64}
 

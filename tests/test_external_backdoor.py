@@ -3,12 +3,12 @@ import json
 import shutil
 
 import pytest
+from conftest import TINY_RECIPE, matrix_dict
 
+from bench.core.registry import ConfigError
 from bench.matrix import parse_matrix
-from bench.registry import ConfigError
 from bench.runner import Runner
 from bench.store import Store, digest
-from conftest import TINY_RECIPE, matrix_dict
 
 RECIPE = {**TINY_RECIPE, "epochs": 4}
 

@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 import yaml
+from conftest import matrix_dict
 
 from bench.cli import main
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.schedule import Failure, failure_cause, plan
 from bench.store import Store
-from conftest import matrix_dict
 
 RECIPE = {"epochs": 2, "batch_size": 64, "crop_padding": 1, "flip": False}
 
@@ -55,7 +55,7 @@ def test_failures_keep_their_cause_and_environmental_ones_are_retried(tmp_path):
 def test_failure_cause_from_the_exception():
     import zipfile
 
-    from bench.data import DataError
+    from bench.core.data import DataError
 
     assert failure_cause("x", OSError(30, "Read-only file system")) == "environment"
     assert failure_cause("x", zipfile.BadZipFile("bad")) == "environment"

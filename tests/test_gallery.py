@@ -1,8 +1,8 @@
 """The trigger gallery renders a PNG with a row per attack."""
 from PIL import Image
 
-from attacks import ATTACKS
 from bench.cli import main
+from bench.core.registry import ATTACKS
 
 
 def test_gallery_png(tmp_path):
@@ -14,11 +14,12 @@ def test_gallery_png(tmp_path):
 
 
 def test_report_gallery_uses_the_matrixs_attack_parameters(tmp_path):
+    from conftest import matrix_dict
+
     from bench.matrix import parse_matrix
     from bench.report import gallery_attacks
     from bench.runner import Runner
     from bench.store import Store
-    from conftest import matrix_dict
 
     m = parse_matrix(matrix_dict(seeds=[0, 1], defenses=["undefended", "clp"],
                                  attacks=[{"name": "tact", "target": 3, "source": 2, "cover_classes": [4]},

@@ -3,20 +3,23 @@ implant, warnings a defense recorded."""
 from dataclasses import dataclass
 
 import torch
+from conftest import TINY_RECIPE, matrix_dict
 
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
 from bench.matrix import parse_matrix
 from bench.report import IMPLANT_ASR, WARN_MARK, build_sections
 from bench.runner import Runner
 from bench.store import Store
-from conftest import TINY_RECIPE, matrix_dict
-from defenses import Defense, DefenseContext, Outcome
 
 
 @dataclass
 class Collapse(Defense):
     """Returns the backdoored model with its head zeroed: every input gets the same prediction."""
 
-    needs_backdoored_model = True
+
+    def needs(self):
+        return Needs(backdoored_model=True)
+
 
     def run(self, ctx: DefenseContext) -> Outcome:
         model = ctx.backdoored_model()

@@ -4,22 +4,24 @@ import types
 from dataclasses import dataclass
 
 import torch
+from conftest import TINY_RECIPE, matrix_dict
 
-from attacks import PoisonedSet, TriggeredTest
-from bench.data import Dataset
+from bench.core.attack import PoisonedSet, TriggeredTest
+from bench.core.data import Dataset
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.store import Store
-from conftest import TINY_RECIPE, matrix_dict
-from defenses import Defense, DefenseContext, Outcome
 
 
 @dataclass
 class Vandal(Defense):
     """Damages everything it is handed in place, then returns an untrained model."""
 
-    needs_backdoored_model = True
-    uses_clean_data = True
+
+    def needs(self):
+        return Needs(backdoored_model=True, clean_data=True)
+
 
     def run(self, ctx: DefenseContext) -> Outcome:
         ctx.train.x.zero_()
@@ -81,8 +83,10 @@ def _filled(cell):
 class Digger(Defense):
     """Searches everything reachable from its context for the harness's ground truth."""
 
-    needs_backdoored_model = True
-    uses_clean_data = True
+
+    def needs(self):
+        return Needs(backdoored_model=True, clean_data=True)
+
     found = []
 
     def run(self, ctx: DefenseContext) -> Outcome:

@@ -1,8 +1,8 @@
 """Every matrix shipped in matrices/ validates, so a long run cannot fail on a typo."""
 import pytest
+from conftest import REPO
 
 from bench.matrix import load_matrix
-from conftest import REPO
 
 SHIPPED = sorted((REPO / "matrices").glob("*.yaml"))
 
@@ -14,8 +14,7 @@ def test_shipped_matrix_validates(path):
 
 
 def test_quick_covers_every_attack_and_defense():
-    from attacks import ATTACKS
-    from defenses import DEFENSES
+    from bench.core.registry import ATTACKS, DEFENSES
 
     m = load_matrix(REPO / "matrices" / "quick.yaml")
     assert {c.attack.key for c in m.cells} == set(ATTACKS.names()) - {"none"}  # "none" = clean training

@@ -1,8 +1,8 @@
 import pytest
-
-from bench.matrix import load_matrix, parse_matrix
-from bench.registry import ConfigError
 from conftest import REPO, matrix_dict
+
+from bench.core.registry import ConfigError
+from bench.matrix import load_matrix, parse_matrix
 
 
 def test_quick_matrix_expands():
@@ -94,8 +94,8 @@ def test_augmentation_defaults_come_from_the_dataset_unless_the_recipe_sets_them
 def test_trainer_flips_only_when_the_recipe_says_so():
     import torch
 
-    from bench.data import ImageSet
-    from bench.trainer import Recipe, Trainer
+    from bench.core.data import ImageSet
+    from bench.core.trainer import Recipe, Trainer
 
     x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
     x[:, :, :, 0] = 255  # a bright left column: a flip moves it to the right

@@ -1,13 +1,13 @@
 """--save-models, bench models and bench export: a defended model can be found and taken out."""
 import torch
 import yaml
+from conftest import TINY_RECIPE, matrix_dict
 from safetensors.torch import load_file
 
 from bench.cli import main
-from bench.data import load_dataset
-from bench.models import build_model
-from bench.trainer import Trainer
-from conftest import TINY_RECIPE, matrix_dict
+from bench.core.data import load_dataset
+from bench.core.models import build_model
+from bench.core.trainer import Trainer
 
 
 def test_saved_defended_model_exports_and_reproduces_its_accuracy(tmp_path, capsys):

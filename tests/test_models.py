@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bench.models import MODELS, build_model
+from bench.core.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

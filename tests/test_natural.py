@@ -4,17 +4,16 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_RECIPE, matrix_dict
 
-from attacks import ATTACKS
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS, ConfigError
+from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
-from bench.models import build_model
-from bench.natural import NaturalBackdoor, split_indices
-from bench.registry import ConfigError
 from bench.report import build_sections, collect
 from bench.runner import Runner
 from bench.store import Store
-from bench.trainer import Recipe, Trainer
-from conftest import TINY_RECIPE, matrix_dict
+from evaluations.natural_backdoor import NaturalBackdoor, split_indices
 
 TARGET = 1
 #: calibration settings: the 2 % budget (~5 px on 16x16) fits the 2x2 BadNet patch (4 px); the toy

@@ -25,13 +25,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.data import ImageSet
-from bench.models import resnet18, small_cnn
-from bench.trainer import Recipe, Trainer
-from defenses import DefenseContext
+from bench.core.data import ImageSet
+from bench.core.defense import DefenseContext
+from bench.core.models import resnet18, small_cnn
+from bench.core.trainer import Recipe, Trainer
 from defenses._common import jenks_two_class
 from defenses.clp import CLP
-from defenses.nonlinearity import NONE, conv_units, flag_threshold, monitored_units, reset_selected
+from defenses.nonlinearity import (
+    NONE,
+    conv_units,
+    flag_threshold,
+    monitored_units,
+    reset_selected,
+)
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 N_IMAGES, N_PATCHED = 256, 26
@@ -424,7 +430,7 @@ def test_clp_prunes_like_the_reference(arch):
 def test_none_runs_on_other_architectures(arch):
     """Architectures the reference does not support use the local reset; nothing zeroes a
     pre-activation BN (one that normalises a residual sum)."""
-    from bench.models import build_model
+    from bench.core.models import build_model
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(arch, 3, 10, MEAN, STD, 32).eval()

@@ -1,10 +1,10 @@
 """``--set`` overrides and ``bench show``: the same validation and messages as the YAML."""
 import pytest
+from conftest import matrix_dict
 
 from bench.cli import main, show_text
+from bench.core.registry import ConfigError
 from bench.matrix import apply_overrides, parse_matrix
-from bench.registry import ConfigError
-from conftest import matrix_dict
 
 
 def test_set_overrides_fields_entries_and_bare_names():

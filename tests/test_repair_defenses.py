@@ -9,16 +9,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.data import ImageSet, load_dataset
+from bench.core.data import ImageSet, load_dataset
+from bench.core.defense import DefenseContext
+from bench.core.models import Classifier, build_model
+from bench.core.registry import DEFENSES
+from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
-from bench.models import Classifier, build_model
 from bench.runner import Runner
 from bench.store import Store
-from bench.trainer import Recipe, Trainer
-from defenses import DEFENSES, DefenseContext
 from defenses.clp import CLP, CLPError, channel_lipschitz, conv_bn_pairs
 from defenses.cutmix import CutMix, CutMixLoss
-from defenses.fineprune import ChannelMask, FinePruning, class_balanced_split, second_layer_index
+from defenses.fineprune import (
+    ChannelMask,
+    FinePruning,
+    class_balanced_split,
+    second_layer_index,
+)
 from defenses.finetuning import FineTuning
 
 torch.set_num_threads(1)
@@ -41,11 +47,11 @@ def test_registered_with_paper_display_names():
                       ("cutmix", "CutMix")]:
         cls = DEFENSES.get(key)
         assert cls.display_name == name and name in paper
-        assert cls.needs_backdoored_model
-    assert FineTuning.uses_clean_data and FinePruning.uses_clean_data
-    assert not CLP().uses_clean_data and not CutMix().uses_clean_data
-    assert CLP(repair_epochs=2).uses_clean_data  # a repair on the reserve breaks the data-free model
-    assert not CutMix(mode="scratch").needs_backdoored_model
+        assert cls().needs().backdoored_model
+    assert FineTuning().needs().clean_data and FinePruning().needs().clean_data
+    assert not CLP().needs().clean_data and not CutMix().needs().clean_data
+    assert CLP(repair_epochs=2).needs().clean_data  # a repair on the reserve breaks the data-free model
+    assert not CutMix(mode="scratch").needs().backdoored_model
 
 
 # --- FineTuning -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 import csv
 
-from bench.report import build_sections, paper_numbers, to_html, to_latex, to_markdown
 from conftest import REPO
+
+from bench.report import build_sections, paper_numbers, to_html, to_latex, to_markdown
 
 
 def _row(attack, defense, acc, asr, seed=0, dataset="cifar10", **extra):

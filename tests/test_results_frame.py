@@ -2,13 +2,13 @@
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY_RECIPE, matrix_dict
 
 from bench.matrix import parse_matrix
 from bench.report import write_results
 from bench.results import load
 from bench.runner import Runner
 from bench.store import Store
-from conftest import TINY_RECIPE, matrix_dict
 
 
 def test_load_flattens_parameters_and_joins_the_undefended_baseline(tmp_path):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
+from conftest import matrix_dict
 
 from bench.cli import main
-from conftest import matrix_dict
 
 
 @pytest.fixture

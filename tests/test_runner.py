@@ -4,19 +4,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import matrix_dict
 
+from bench.core.defense import Defense, DefenseContext, Needs, Outcome
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.store import Store
-from conftest import matrix_dict
-from defenses import Defense, DefenseContext, Outcome
 
 
 @dataclass
 class Spy(Defense):
     """Test defense: records what it was given and returns the backdoored model."""
 
-    needs_backdoored_model = True
+
+    def needs(self):
+        return Needs(backdoored_model=True)
+
     seen = []
 
     def run(self, ctx: DefenseContext) -> Outcome:
@@ -115,7 +118,7 @@ def test_clean_reserve_is_clean_and_balanced(digits):
     from bench.runner import clean_reserve
 
     p = BadNet().poison(digits.train, seed=0)
-    r = clean_reserve(p, 0.1, 10, seed=0)
+    r = clean_reserve(p, 0.1, seed=0)
     assert len(r) == int(0.1 * len(digits.train))
     counts = torch.bincount(r.y, minlength=10)
     assert counts.max() - counts.min() <= 1

@@ -55,7 +55,7 @@ def fp_fixed_task():
     the features and centred on their mean, so that predictions spread over the classes; the
     labels are the model's own predictions (unpruned accuracy 100 %).
     Returns (model, images uint8, labels)."""
-    from bench.models import small_cnn
+    from bench.core.models import small_cnn
     torch.manual_seed(7)
     model = small_cnn(3, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 16, widths=(8, 16, 48)).eval()
     g = torch.Generator().manual_seed(11)
@@ -149,8 +149,8 @@ def test_numpy_median_and_anomaly_index():
 def test_scan_defaults_follow_the_reference():
     d = SCAnFT()
     assert d.threshold == math.e and d.trusted_reserve and d.one_mean == "posterior"
-    assert d.uses_clean_data is True
-    assert SCAnFT(trusted_reserve=False).uses_clean_data is False
+    assert d.needs().clean_data is True
+    assert SCAnFT(trusted_reserve=False).needs().clean_data is False
     assert isinstance(d.repair_epochs, int) and isinstance(d.retrain_epochs, int)
     with pytest.raises(ValueError, match="repair_epochs"):
         SCAnFT(repair_epochs=None)
@@ -177,9 +177,9 @@ BB_FINAL_PRUNED = [8, 9, 20, 34, 35, 36, 37]
 def _fp_ctx(model, x, y):
     import copy
 
-    from bench.data import ImageSet
-    from bench.trainer import Recipe, Trainer
-    from defenses import DefenseContext
+    from bench.core.data import ImageSet
+    from bench.core.defense import DefenseContext
+    from bench.core.trainer import Recipe, Trainer
     trainer = Trainer(recipe=Recipe(batch_size=64, crop_padding=0, flip=False))
     reserve = ImageSet(x, y)
     return DefenseContext(train=reserve, num_classes=10, make_model=lambda: None, trainer=trainer, seed=0,
@@ -238,9 +238,9 @@ def test_fineprune_presets_are_explicit():
 @pytest.fixture(scope="module")
 def digits_backdoor():
     from attacks.badnet import BadNet
-    from bench.data import load_dataset
-    from bench.models import small_cnn
-    from bench.trainer import Recipe, Trainer
+    from bench.core.data import load_dataset
+    from bench.core.models import small_cnn
+    from bench.core.trainer import Recipe, Trainer
     ds = load_dataset("digits")
     attack = BadNet(target=TARGET)
     poisoned = attack.poison(ds.train, seed=0)

@@ -1,11 +1,11 @@
 import pytest
+from conftest import matrix_dict
 
+from bench.core.registry import ConfigError
 from bench.matrix import parse_matrix
-from bench.registry import ConfigError
 from bench.runner import Runner
 from bench.schedule import execute, parse_devices, plan, select
 from bench.store import Store
-from conftest import matrix_dict
 
 
 def test_parse_devices_divides_threads():
@@ -86,9 +86,10 @@ def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
     import pickle
     import subprocess
 
+    from conftest import REPO, matrix_dict
+
     from bench.matrix import parse_matrix
     from bench.store import digest
-    from conftest import REPO, matrix_dict
 
     m = parse_matrix(matrix_dict(defenses=["advrbd", "nonlinearity", "test_runner:Spy"]))
     env, python = python_env

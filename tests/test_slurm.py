@@ -1,12 +1,12 @@
 """--executor slurm through submitit: poisoned sets packed into jobs, run by submitit's local backend
 (subprocesses on this machine, as SLURM would run them on nodes)."""
 import pytest
+from conftest import TINY_RECIPE, matrix_dict
 
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.schedule import execute, plan
 from bench.store import Store, digest
-from conftest import TINY_RECIPE, matrix_dict
 
 
 def _cells(seeds, epochs=2):

@@ -4,13 +4,13 @@ import subprocess
 
 import pytest
 import yaml
+from conftest import TINY_RECIPE, matrix_dict
 
+from bench.core.registry import ConfigError
 from bench.matrix import parse_matrix
-from bench.registry import ConfigError
 from bench.runner import Runner
 from bench.schedule import _run_task, parse_shard, shard
 from bench.store import Store, digest
-from conftest import TINY_RECIPE, matrix_dict
 
 
 def _matrix(seeds=(0, 1, 2), epochs=3):

@@ -48,7 +48,7 @@ def test_report_shows_paired_differences_and_says_when_one_seed_cannot_tell():
 
 
 def test_der_and_rir_on_known_values_and_the_leaderboard_lookup():
-    from bench.metrics import der, rir
+    from bench.core.metrics import der, rir
     from bench.report import leaderboard
 
     # FT-SAM's Table 1, FT on BadNets: 91.82/93.79 -> 90.29/1.70 gives DER 95.28

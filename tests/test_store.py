@@ -1,6 +1,6 @@
 import torch
 
-from bench.models import build_model
+from bench.core.models import build_model
 from bench.store import Store, digest
 
 

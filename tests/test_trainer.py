@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from bench.data import ImageSet
-from bench.models import build_model
-from bench.trainer import Recipe, Trainer, random_crop, random_flip
+from bench.core.data import ImageSet
+from bench.core.models import build_model
+from bench.core.trainer import Recipe, Trainer, random_crop, random_flip
 
 
 def test_random_crop_is_a_shift_with_zero_padding():

@@ -6,7 +6,7 @@ image files, and the trainer holds it on the device and does its augmentation ba
 Where data comes from, in order:
 
 1. ``<data_root>/<name>.npz`` with arrays ``x_train, y_train, x_test, y_test``
-   (HWC or NHW uint8, as in ``shared/data/cifar10.npz``).
+   (uint8 images as N x H x W x C, N x C x H x W or N x H x W).
 2. The usual on-disk layout of a user's machine: torchvision's folders for CIFAR-10/100,
    MNIST and GTSRB (``download=False``: we never download inside a run), and an
    ``ImageFolder`` tree for Tiny-ImageNet and Imagenette.  Folder datasets are converted
@@ -18,13 +18,18 @@ and 4x4 trigger grids have room.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .registry import DATASETS, register_dataset
+from .tensors import round_robin
 
 DATA_ROOT_ENV = "BENCH_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"
@@ -85,11 +90,43 @@ class Dataset:
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple((self.train.x.float() / 255).mean(dim=(0, 2, 3)).tolist())
+        """Per-channel mean of the training images in [0, 1] (computed once per training set)."""
+        return self._stats()[0]
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple((self.train.x.float() / 255).std(dim=(0, 2, 3)).tolist())
+        """Per-channel standard deviation of the training images in [0, 1] (computed once)."""
+        return self._stats()[1]
+
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cached = self.__dict__.get("_stats_cache")
+        if cached is None or cached[0] is not self.train.x:  # a replaced training set gets new statistics
+            mean = torch.zeros(self.channels, dtype=torch.float64)
+            sq = torch.zeros(self.channels, dtype=torch.float64)
+            n = 0
+            for i in range(0, len(self.train), STATS_CHUNK):  # chunks: no float copy of the whole set
+                x = self.train.x[i:i + STATS_CHUNK].double() / 255
+                mean += x.sum(dim=(0, 2, 3))
+                sq += (x * x).sum(dim=(0, 2, 3))
+                n += x.shape[0] * x.shape[2] * x.shape[3]
+            mean /= max(n, 1)
+            var = (sq / max(n, 1) - mean * mean) * n / max(n - 1, 1)  # unbiased, as torch.std
+            cached = (self.train.x, tuple(mean.tolist()), tuple(var.clamp(min=0).sqrt().tolist()))
+            self.__dict__["_stats_cache"] = cached
+        return cached[1], cached[2]
+
+
+#: images per chunk when computing a dataset's mean and std
+STATS_CHUNK = 4096
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -100,15 +137,17 @@ def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry of datasets: name -> (loader, one-line description)
-
-DATASETS: dict[str, tuple] = {}
+# Datasets as registry entries
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What a matrix needs to know about a dataset before loading it, and its augmentation defaults
-    (a matrix's recipe can override both)."""
+class DatasetSource:
+    """A registered dataset: what a matrix needs to know before loading it (classes, geometry),
+    its augmentation defaults (a matrix's recipe can override them), and how to load it.
+
+    ``load(root)`` returns a :class:`Dataset` from the data root.  Register one with
+    :func:`dataset` on a loader function, or give a plain ``.npz`` file as the dataset's name
+    (:meth:`from_npz`)."""
 
     description: str
     num_classes: int
@@ -119,6 +158,10 @@ class DatasetInfo:
     flip: bool = True
     #: random-crop zero padding in px; ``None``: an eighth of the image side
     crop_padding: int | None = None
+    loader: Callable[[Path], "Dataset"] | None = field(default=None, compare=False, repr=False)
+    #: a dataset read from one file: its path and SHA-256 (part of every cache key that uses it)
+    path: str | None = None
+    sha256: str | None = None
 
     def augmentation(self) -> dict:
         """The recipe fields this dataset fills in when a matrix leaves them unset."""
@@ -127,15 +170,43 @@ class DatasetInfo:
         pad = self.crop_padding if self.crop_padding is not None else default_crop_padding(self.size)
         return {"flip": self.flip, "crop_padding": pad}
 
+    def load(self, root: Path) -> "Dataset":
+        return self.loader(root)
 
-DATASET_INFO: dict[str, DatasetInfo] = {}
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike, field: str = "dataset") -> "DatasetSource":
+        """A dataset given as a file: its classes and image shape are read from the file (the
+        labels and the test images; the training images are read when the cell runs)."""
+        from .registry import ConfigError
+
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"{field}: the dataset file '{p}' does not exist")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+                if missing:
+                    raise ValueError(f"missing arrays {sorted(missing)} (has {sorted(z.files)})")
+                shape = _to_nchw(z["x_test"][:1]).shape
+                k = int(max(z["y_train"].max(), z["y_test"].max())) + 1
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 (any unreadable file: one message)
+            raise ConfigError(f"{field}: '{p}' is not a dataset file ({' '.join(str(e).split())}); it needs uint8 "
+                              f"arrays x_train, y_train, x_test, y_test") from None
+        if shape[2] != shape[3]:
+            raise ConfigError(f"{field}: '{p}' has {shape[2]}x{shape[3]} images; square images are supported")
+        name = p.stem
+        return cls(f"{name} from {p} ({k} classes, {shape[1]}x{shape[2]}x{shape[3]})", k, shape[1], shape[2],
+                   loader=lambda root, p=p, name=name: _from_npz(p, name), path=str(p), sha256=sha256_file(p))
 
 
 def dataset(name: str, description: str, num_classes: int, channels: int, size: int, flip: bool = True,
             crop_padding: int | None = None):
+    """Register a loader ``fn(root) -> Dataset`` as the dataset ``name``."""
+
     def deco(fn):
-        DATASETS[name] = (fn, description)
-        DATASET_INFO[name] = DatasetInfo(description, num_classes, channels, size, flip, crop_padding)
+        register_dataset(name)(DatasetSource(description, num_classes, channels, size, flip, crop_padding, fn))
         return fn
 
     return deco
@@ -145,10 +216,7 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, train_li
                  test_limit: int | None = None) -> Dataset:
     """Load a dataset by name.  ``train_limit``/``test_limit`` keep a class-stratified prefix
     (first ``n`` samples after a fixed shuffle) for quick experiments on large datasets."""
-    if name not in DATASETS:
-        raise KeyError(name)
-    loader, _ = DATASETS[name]
-    ds = loader(resolve_data_root(data_root))
+    ds = DATASETS.get(name).load(resolve_data_root(data_root))
     if train_limit:
         ds.train = _limit(ds.train, train_limit)
     if test_limit:
@@ -161,13 +229,7 @@ def _limit(s: ImageSet, n: int) -> ImageSet:
         return s
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(s), generator=g)
-    # Round-robin over classes keeps the slice class-balanced.
-    y = s.y[perm]
-    rank = torch.empty_like(y)
-    for c in y.unique():
-        where = (y == c).nonzero().squeeze(1)
-        rank[where] = torch.arange(len(where))
-    order = perm[torch.argsort(rank * (int(y.max()) + 1) + y, stable=True)]
+    order = perm[round_robin(s.y[perm])]  # class-balanced
     return s.subset(order[:n].sort().values)
 
 
@@ -191,7 +253,7 @@ def _from_npz(path: Path, name: str, classes=None, rebuild: str = "") -> Dataset
     except Exception as e:  # noqa: BLE001 (a truncated zip, a bad array, an unreadable file: all one message)
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise DataError(f"dataset '{name}': '{path}' is unreadable ({reason}). {rebuild}".rstrip()) from None
-    info = DATASET_INFO.get(name)
+    info = DATASETS.get(name) if name in DATASETS else None
     bad = [int(t.y.min()) for t in (ds.train, ds.test) if len(t) and int(t.y.min()) < 0]
     if bad or (info is not None and ds.num_classes > info.num_classes):
         raise DataError(f"dataset '{name}': '{path}' has labels outside 0..{info.num_classes - 1 if info else 'N'} "

@@ -1,13 +1,18 @@
-"""Image classifiers with one uniform shape.
+"""Image classifiers with one uniform shape, registered by name in :data:`~bench.core.registry.MODELS`.
 
 Every model is a :class:`Classifier`: ``normalize`` (per-channel mean/std, so attacks and
 defenses work in [0, 1] pixel space) -> ``body`` (an ``nn.Sequential`` of stages producing a
-feature map) -> global average pool -> ``head`` (``nn.Linear``).  Defenses rely on this:
+feature map) -> global average pool -> ``head`` (``nn.Linear``).  Defenses rely on this
+interface, which :func:`build_model` checks for every model it builds:
 
 * ``model.features(x)``: penultimate features (the head's input), ``B x feature_dim``;
 * ``model.feature_map(x)``: the last stage's output before pooling;
 * ``model.last_block``: the last stage (FinePruning masks its channels);
 * ``model.body``: all stages in order (NONE and CLP walk their convolutions).
+
+A new architecture is a builder ``fn(in_channels, num_classes, mean, std, image_size)`` returning
+a :class:`Classifier` (``body`` holding its stages), registered with ``@register_model("key")``
+or named in a matrix as ``module:Name``.
 
 Small-input variants (32 and 64 px) use a 3x3 stride-1 stem, as is standard for CIFAR;
 inputs of ``LARGE_INPUT`` pixels or more use the ImageNet stem (7x7 stride 2 + max pool).
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .registry import MODELS, register_model
 
 #: Inputs at least this large get the ImageNet stem (e.g. Imagenette at 224).
 LARGE_INPUT = 128
@@ -201,19 +208,39 @@ def tiny_cnn(in_channels, num_classes, mean, std, image_size):
     return small_cnn(in_channels, num_classes, mean, std, image_size, widths=(16, 32, 64))
 
 
-MODELS = {
-    "small_cnn": (small_cnn, "VGG-style 6-conv CNN (32/64/128 channels), fast on CPUs"),
-    "tiny_cnn": (tiny_cnn, "the small CNN at half width (16/32/64), for the embedded digits set"),
-    "resnet18": (resnet18, "ResNet-18 (CIFAR stem below 128 px, ImageNet stem above)"),
-    "resnet34": (resnet34, "ResNet-34 (CIFAR stem below 128 px, ImageNet stem above)"),
-    "preact_resnet18": (preact_resnet18, "PreAct-ResNet-18 (BN before conv; no conv->BN pairs)"),
-    "mobilenet_v2": (mobilenet_v2, "MobileNetV2 (CIFAR strides below 128 px)"),
-}
+for _key, _fn, _text in (
+        ("small_cnn", small_cnn, "VGG-style 6-conv CNN (32/64/128 channels), fast on CPUs"),
+        ("tiny_cnn", tiny_cnn, "the small CNN at half width (16/32/64), for the embedded digits set"),
+        ("resnet18", resnet18, "ResNet-18 (CIFAR stem below 128 px, ImageNet stem above)"),
+        ("resnet34", resnet34, "ResNet-34 (CIFAR stem below 128 px, ImageNet stem above)"),
+        ("preact_resnet18", preact_resnet18, "PreAct-ResNet-18 (BN before conv; no conv->BN pairs)"),
+        ("mobilenet_v2", mobilenet_v2, "MobileNetV2 (CIFAR strides below 128 px)")):
+    register_model(_key, _text)(_fn)
+
+
+def interface_problems(model: nn.Module) -> list[str]:
+    """What ``model`` lacks of the interface defenses rely on (see the module docstring): an empty
+    list for a conforming model."""
+    problems = []
+    for name in ("normalize", "body", "head", "features", "feature_map", "last_block", "num_classes", "feature_dim"):
+        if not hasattr(model, name):
+            problems.append(f"no attribute '{name}'")
+    if hasattr(model, "body") and not (isinstance(model.body, nn.Sequential) and len(model.body) > 0):
+        problems.append("'body' is not a non-empty nn.Sequential of stages")
+    if hasattr(model, "head") and not isinstance(model.head, nn.Linear):
+        problems.append("'head' is not an nn.Linear")
+    return problems
 
 
 def build_model(name: str, in_channels: int, num_classes: int, mean, std, image_size: int) -> Classifier:
-    fn, _ = MODELS[name]
-    return fn(in_channels, num_classes, mean, std, image_size)
+    """A new model of the registered architecture ``name`` (or ``module:Name``), checked against the
+    interface defenses rely on."""
+    model = MODELS.get(name, "model")(in_channels, num_classes, mean, std, image_size)
+    problems = interface_problems(model)
+    if problems:
+        raise TypeError(f"model '{name}' does not have the interface defenses rely on: {'; '.join(problems)} "
+                        f"(subclass bench.core.models.Classifier)")
+    return model
 
 
 @dataclass(frozen=True)
@@ -221,7 +248,7 @@ class ModelFactory:
     """A fresh model from plain data: the architecture's name, its input statistics and a seed,
     plus weights to load (the cached backdoored model) and where to put it.  It holds no reference
     to a runner, a dataset or ground truth, so a defense may be handed one (see
-    :mod:`defenses.base`).  Each call seeds the initialisation and returns a new model."""
+    :mod:`bench.core.defense`).  Each call seeds the initialisation and returns a new model."""
 
     name: str
     in_channels: int

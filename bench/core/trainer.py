@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageSet
+from .registry import check_choices
 
 log = logging.getLogger("bench.train")
 
@@ -95,6 +97,10 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+#: the learning-rate schedules of :class:`Recipe` (and of defenses' own phases)
+Schedule = typing.Literal["onecycle", "cosine", "step", "constant"]
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A training recipe.  Defaults suit the small CNN on CPU; matrices set the paper's."""
@@ -106,7 +112,7 @@ class Recipe:
     weight_decay: float = 5e-4
     nesterov: bool = True
     #: "onecycle" (linear warm-up, then cosine) | "cosine" | "step" | "constant"
-    schedule: str = "onecycle"
+    schedule: Schedule = "onecycle"
     #: for "onecycle": fraction of the steps spent warming up
     warmup: float = 0.25
     #: for "step": epochs (as fractions of ``epochs``) where lr is multiplied by ``gamma``
@@ -119,11 +125,10 @@ class Recipe:
     #: whose classes are not mirror-symmetric; used directly, on)
     flip: bool | None = None
 
-    SCHEDULES = ("onecycle", "cosine", "step", "constant")
+    SCHEDULES = typing.get_args(Schedule)
 
     def __post_init__(self):
-        if self.schedule not in self.SCHEDULES:
-            raise ValueError(f"recipe.schedule: '{self.schedule}' is not one of {list(self.SCHEDULES)}")
+        check_choices(self, "recipe.")
         object.__setattr__(self, "milestones", tuple(self.milestones))
 
     def with_(self, **kw) -> "Recipe":
@@ -163,7 +168,7 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class Trainer:
-    """Trains and evaluates :class:`~bench.models.Classifier` models on uint8 image sets."""
+    """Trains and evaluates :class:`~bench.core.models.Classifier` models on uint8 image sets."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     recipe: Recipe = field(default_factory=Recipe)
@@ -204,7 +209,10 @@ class Trainer:
             self._device_copies[key] = hit
         return hit[1]
 
-    def _autocast(self):
+    def autocast(self):
+        """The mixed-precision context every forward pass of a defense runs in: bf16 autocast when
+        ``bf16`` is on (CUDA by default), a no-op otherwise.  Use it for any forward pass outside
+        :meth:`fit`, :meth:`map` and :meth:`loss`, so that a whole cell computes in one precision."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.bf16))
 
     def to_float(self, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -260,7 +268,7 @@ class Trainer:
     def loss(self, model, x, y, idx, weights=None, loss_fn=None, hits: list | None = None) -> torch.Tensor:
         """Mean over the batch of ``weight * per-sample loss`` (plain CE by default).  ``hits``: with
         plain CE, receives the batch's count of correct predictions (a device tensor, no sync)."""
-        with self._autocast():
+        with self.autocast():
             if loss_fn is not None:
                 per = loss_fn(model, x, y, idx)
             else:
@@ -376,24 +384,38 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def _map(self, model, x_uint8: torch.Tensor, fn) -> torch.Tensor:
-        model.eval()
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, *, model: nn.Module | None = None,
+            images: bool = True, on_device: bool = False, passes: int = 1) -> torch.Tensor:
+        """``fn`` applied to ``inputs`` in batches of ``eval_batch_size``, without gradients, under
+        :meth:`autocast`, concatenated (floats as float32, or float64 where ``fn`` returns that).  Every input counts ``passes`` times in
+        ``eval_samples`` (``fn`` runs the model that many times per input).
+
+        ``images``: ``inputs`` are uint8 images (converted to floats in [0, 1] on the device, in the
+        trainer's memory format); otherwise they are moved to the device as they are (e.g. a stage's
+        activations).  ``model``: put into eval mode first.  ``on_device``: keep the result on the
+        device (default: on the host)."""
+        if model is not None:
+            model.eval()
         out = []
-        for i in range(0, len(x_uint8), self.eval_batch_size):
-            xb = self.to_float(x_uint8[i:i + self.eval_batch_size])
-            with self._autocast():
-                out.append(fn(xb).float().cpu())
-            self.eval_samples += len(xb)
+        for i in range(0, len(inputs), self.eval_batch_size):
+            chunk = inputs[i:i + self.eval_batch_size]
+            xb = self.to_float(chunk) if images else chunk.to(self.device, non_blocking=True)
+            with self.autocast():
+                y = fn(xb)
+            if y.is_floating_point() and y.dtype != torch.float64:
+                y = y.float()  # bf16 under autocast -> float32; float64 results keep their precision
+            out.append(y if on_device else y.cpu())
+            self.eval_samples += len(chunk) * passes
         return torch.cat(out) if out else torch.empty(0)
 
     def logits(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
-        return self._map(model, x_uint8, model)
+        return self.map(model, x_uint8, model=model)
 
     def predict(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
         return self.logits(model, x_uint8).argmax(1)
 
     def features(self, model, x_uint8: torch.Tensor) -> torch.Tensor:
-        return self._map(model, x_uint8, model.features)
+        return self.map(model.features, x_uint8, model=model)
 
     def per_sample_loss(self, model, data: ImageSet) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, data.x), data.y, reduction="none")

@@ -22,8 +22,9 @@ from typing import Callable, ClassVar
 
 import torch
 
-from bench.data import ImageSet
-from bench.registry import Registered
+from .data import ImageSet
+from .registry import Registered
+from .tensors import to_float, to_uint8  # noqa: F401 (attacks import them from here)
 
 
 @dataclass
@@ -54,14 +55,6 @@ class TriggeredTest:
     target: int
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 @dataclass
 class Attack(Registered):
     """Base class: random dirty-label poisoning of ``poison_ratio`` of the set to ``target``."""
@@ -72,6 +65,7 @@ class Attack(Registered):
     target: int = 1
 
     key: ClassVar[str] = ""
+    kind: ClassVar[str] = "attack"
     #: the name used in reports and in the paper's tables (defaults to the key)
     display_name: ClassVar[str] = ""
     #: bump when the attack's output changes, so cached artifacts are recomputed
@@ -85,6 +79,7 @@ class Attack(Registered):
     class_fields: ClassVar[tuple[str, ...]] = ("target",)
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.poison_ratio <= 1.0:
             raise ValueError(f"poison_ratio: {self.poison_ratio} is outside [0, 1]")
         if self.target < 0:

@@ -1,8 +1,10 @@
 """Natural backdoors: what benign training already plants.
 
 A natural backdoor is a small input-agnostic patch that flips images of most classes to one label
-in a model trained only on benign data.  :class:`NaturalBackdoor` measures it with the spec's
-proposed protocol, a Neural-Cleanse-style trigger inversion under hard area budgets:
+in a model trained only on benign data.  :class:`NaturalBackdoor` measures it with a
+Neural-Cleanse-style trigger inversion (Wang et al., "Neural Cleanse", S&P 2019; reference code:
+backdoor-toolbox's NC) under hard area budgets, the protocol NONE's paper uses to show natural
+backdoors:
 
 1. **Splits** of the clean test set (seeded): an *inversion* split of ``per_class`` images per
    class, and a *disjoint* held-out *evaluation* split of up to ``eval_size`` other images.
@@ -28,9 +30,9 @@ proposed protocol, a Neural-Cleanse-style trigger inversion under hard area budg
    finite index and the L1's jitter below a budget (a fraction of a pixel to a pixel) is no
    outlier.
 
-Deviations from the spec, and why: the per-step image batch is shared by every trigger (one
+Deviations from Neural Cleanse, and why: the per-step image batch is shared by every trigger (one
 forward over ``triggers x batch`` images instead of one per trigger); the hard budget is enforced
-by the projection above (the spec's penalty alone lets the L1 exceed the budget).  Adam's betas
+by the projection above (a penalty alone, as in Neural Cleanse, lets the L1 exceed the budget).  Adam's betas
 default to backdoor-toolbox's NC reference (0.5, 0.9).
 
 Cost is counted in image passes: ``forward`` (every image through the model) and ``backward``
@@ -38,7 +40,6 @@ Cost is counted in image passes: ``forward`` (every image through the model) and
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -46,7 +47,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .data import ImageSet
+from bench.core.data import ImageSet
+from bench.core.evaluation import Evaluation
+from bench.core.registry import register_evaluation
+from bench.core.tensors import rank_within_class, stream
+from bench.core.trainer import Trainer
 
 #: the consistency constant of the MAD for normal data (Neural Cleanse)
 MAD_CONSISTENCY = 1.4826
@@ -60,12 +65,7 @@ def split_indices(y: torch.Tensor, num_classes: int, per_class: int, eval_size: 
     the first ``eval_size`` of the remaining images in the same permutation."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=gen)
-    yp = y[perm]
-    order = torch.argsort(yp, stable=True)  # by class, permutation order within a class
-    counts = torch.bincount(yp, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(yp)
-    rank[order] = torch.arange(len(yp)) - starts[yp[order]]
+    rank = rank_within_class(y[perm])  # permutation order within a class
     inv = perm[rank < per_class]
     ev = perm[rank >= per_class][:eval_size]
     return inv, ev
@@ -114,9 +114,12 @@ class NaturalResult:
         }
 
 
+@register_evaluation("natural_backdoor")
 @dataclass(frozen=True)
-class NaturalBackdoor:
+class NaturalBackdoor(Evaluation):
     """Natural-backdoor ASR by hard-budget trigger inversion for every label."""
+
+    version: ClassVar[int] = 2
 
     #: hard mask-area budgets as fractions of H*W (NONE's 2..12 %)
     budgets: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)
@@ -124,7 +127,7 @@ class NaturalBackdoor:
     steps: int = 300
     #: random restarts per (budget, label); the best on the inversion split is kept
     restarts: int = 3
-    #: Adam learning rate (spec: 0.1)
+    #: Adam learning rate (Neural Cleanse: 0.1)
     lr: float = 0.1
     #: Adam betas (backdoor-toolbox's Neural Cleanse: 0.5, 0.9)
     betas: tuple[float, float] = (0.5, 0.9)
@@ -150,9 +153,8 @@ class NaturalBackdoor:
     #: images per forward chunk when evaluating
     eval_batch: int = 512
 
-    name: ClassVar[str] = "natural_backdoor"
-
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
         object.__setattr__(self, "betas", tuple(self.betas))
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
@@ -169,20 +171,18 @@ class NaturalBackdoor:
         if not 0 < self.success <= 1:
             raise ValueError(f"success: {self.success} must be in (0, 1]")
 
-    def params(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
     # --- the measurement -------------------------------------------------------------------
-    def evaluate(self, model, test: ImageSet, num_classes: int, seed: int = 0) -> NaturalResult:
+    def evaluate(self, model, test: ImageSet, num_classes: int, trainer: Trainer | None = None,
+                 seed: int = 0) -> NaturalResult:
         t0 = time.time()
+        autocast = (trainer or Trainer(device=next(model.parameters()).device)).autocast
         device = next(model.parameters()).device
         inv_idx, ev_idx = split_indices(test.y, num_classes, self.per_class, self.eval_size, seed)
         x_inv = test.x[inv_idx].to(device).float().div_(255)
         y_inv = test.y[inv_idx].to(device)
         x_ev = test.x[ev_idx].to(device).float().div_(255)
         y_ev = test.y[ev_idx].to(device)
-        gen = torch.Generator().manual_seed(seed + 104729)
+        gen = stream(seed, "natural_backdoor")
         was_training = model.training
         grads = [p.requires_grad for p in model.parameters()]
         model.eval()
@@ -195,8 +195,9 @@ class NaturalBackdoor:
             labels = torch.arange(K, device=device).repeat(R * B)                     # T, layout R x B x K
             area = torch.tensor(self.budgets, device=device).repeat_interleave(K).repeat(R)
             budget_px = area * H * W
-            mask, pattern = self._optimise(model, x_inv, y_inv, labels, area, budget_px, (C, H, W), gen, passes)
-            succ = self._success(model, x_inv, y_inv, mask, pattern, labels, passes).view(R, B, K)
+            mask, pattern = self._optimise(model, x_inv, y_inv, labels, area, budget_px, (C, H, W), gen, passes,
+                                           autocast)
+            succ = self._success(model, x_inv, y_inv, mask, pattern, labels, passes, autocast).view(R, B, K)
             best = succ.argmax(0)                                                     # B x K
             best_dev = best.to(device)
             pick = lambda t: t.view(R, B, K, *t.shape[1:]).gather(  # noqa: E731
@@ -205,7 +206,7 @@ class NaturalBackdoor:
             succ_b = succ.gather(0, best[None])[0]
             labels_b = torch.arange(K, device=device).repeat(B)
             asr = self._success(model, x_ev, y_ev, mask_b.flatten(0, 1), pattern_b.flatten(0, 1),
-                                labels_b, passes).view(B, K)
+                                labels_b, passes, autocast).view(B, K)
         finally:
             for p, g in zip(model.parameters(), grads):
                 p.requires_grad_(g)
@@ -230,11 +231,7 @@ class NaturalBackdoor:
         size = self.trigger_chunk or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    @staticmethod
-    def _autocast(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def _optimise(self, model, x, y, labels, area, budget_px, shape, gen, passes):
+    def _optimise(self, model, x, y, labels, area, budget_px, shape, gen, passes, autocast):
         T, (C, H, W), device = len(labels), shape, x.device
         # mask logits start near the budget (m ~ a), plus noise; pattern logits are noise
         m0 = torch.atanh((2 * area - 1).clamp(-0.999, 0.999)).cpu()
@@ -250,7 +247,7 @@ class NaturalBackdoor:
             opt.zero_grad(set_to_none=True)
             for s in self._chunks(T):
                 m, p = self.masks(M[s], budget_px[s]), torch.tanh(P[s]) / 2 + 0.5
-                with self._autocast(device):
+                with autocast():
                     logits = model(stamp(xb, m, p)).float().view(len(m), len(xb), -1)
                 lab = labels[s]
                 ce = F.cross_entropy(logits.transpose(1, 2), lab[:, None].expand(-1, len(xb)), reduction="none")
@@ -273,7 +270,7 @@ class NaturalBackdoor:
         return m * scale[:, None, None, None]
 
     @torch.no_grad()
-    def _success(self, model, x, y, mask, pattern, labels, passes) -> torch.Tensor:
+    def _success(self, model, x, y, mask, pattern, labels, passes, autocast) -> torch.Tensor:
         """Per trigger: fraction of the images of other labels classified as the trigger's label."""
         T, n = len(labels), len(x)
         hits = torch.zeros(T, device=x.device)
@@ -283,7 +280,7 @@ class NaturalBackdoor:
             ts = slice(t0, min(t0 + per, T))
             for i0 in range(0, n, step_img):
                 xb, yb = x[i0:i0 + step_img], y[i0:i0 + step_img]
-                with self._autocast(x.device):
+                with autocast():
                     pred = model(stamp(xb, mask[ts], pattern[ts])).argmax(1).view(-1, len(xb))
                 passes["forward"] += pred.numel()
                 lab = labels[ts][:, None]
@@ -291,6 +288,3 @@ class NaturalBackdoor:
         others = (y[None] != labels[:, None]).sum(1).float()
         return (hits / others.clamp(min=1)).cpu()
 
-
-#: evaluations a matrix may request under ``evaluate`` (name -> parameter dataclass)
-EVALUATIONS = {NaturalBackdoor.name: NaturalBackdoor}

@@ -5,7 +5,7 @@ A defense is a dataclass whose fields are its hyperparameters, with one method::
     def run(self, ctx: DefenseContext) -> Outcome
 
 ``ctx`` holds the poisoned training set as a defender sees it (images and given labels, no
-ground truth), a model factory, the shared :class:`~bench.trainer.Trainer`, the cached
+ground truth), a model factory, the shared :class:`~bench.core.trainer.Trainer`, the cached
 backdoored model (built lazily, a fresh copy each call), the clean reserve (only for defenses
 that declare ``uses_clean_data``), a seeded generator and a logger.  A defense needs no paths,
 no device code and no argparse: one file of the method's own logic.
@@ -41,9 +41,10 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from bench.data import ImageSet
-from bench.registry import Registered
-from bench.trainer import Checkpoint, Trainer
+from .data import ImageSet
+from .registry import Registered
+from .tensors import stream, stream_seed
+from .trainer import Checkpoint, Trainer
 
 
 @dataclass
@@ -76,6 +77,19 @@ class Observations:
                                            torch.as_tensor(scores).detach().float().cpu().clone())))
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a defense needs from the harness, declared by :meth:`Defense.needs` (it may depend on
+    the defense's parameters)."""
+
+    #: starts from the cached backdoored model (post-training repair); ``ctx.backdoored_model()``
+    backdoored_model: bool = False
+    #: the clean reserve, ``ctx.clean_reserve`` (breaks the no-clean-data threat model; the report says so)
+    clean_data: bool = False
+    #: running the defense trains (the planner counts trainings with it)
+    training: bool = True
+
+
 @dataclass
 class DefenseContext:
     train: ImageSet
@@ -94,18 +108,25 @@ class DefenseContext:
     def device(self) -> torch.device:
         return self.trainer.device
 
-    @property
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def rng(self, name: str) -> torch.Generator:
+        """A new CPU generator for the random stream ``name`` of this cell (``"isolation"``,
+        ``"masks"``, ...).  The same name gives the same stream on every call; different names are
+        independent, and adding a stream never shifts another."""
+        return stream(self.seed, name)
+
+    def seed_for(self, name: str) -> int:
+        """The integer seed of the stream ``name``, for APIs that take a seed (``trainer.fit(seed=...)``)."""
+        return stream_seed(self.seed, name)
 
     def backdoored_model(self) -> nn.Module:
-        """A fresh copy of the model trained undefended on the poisoned set (cached)."""
+        """A fresh copy of the model trained undefended on the poisoned set (cached), prepared for
+        the trainer (on its device, in its memory format), like :attr:`make_model`'s models."""
         if self._backdoored is None:
-            raise RuntimeError("this defense did not declare needs_backdoored_model = True")
-        return self._backdoored()
+            raise RuntimeError("this defense did not declare Needs(backdoored_model=True) in needs()")
+        return self.trainer.prepare(self._backdoored())
 
     def checkpoint(self, phase: str) -> Checkpoint | None:
-        """A :class:`~bench.trainer.Checkpoint` for one long ``trainer.fit`` of this defense (pass it as
+        """A :class:`~bench.core.trainer.Checkpoint` for one long ``trainer.fit`` of this defense (pass it as
         ``checkpoint=``): a killed run resumes that phase where it was.  The phases before it run
         again on the rerun; they are deterministic, so the resumed phase continues from the same
         state.  ``None`` outside the harness."""
@@ -135,16 +156,63 @@ class Defense(Registered):
     """Base class of all defenses."""
 
     key: ClassVar[str] = ""
-    #: bump when the defense's output changes, so cached results are recomputed
+    kind: ClassVar[str] = "defense"
+    #: bump when the defense's output changes, so cached results are recomputed (a test checks it
+    #: against ``bench/core/versions.json``; see the README)
     version: ClassVar[int] = 1
-    #: starts from the cached backdoored model (post-training repair)
-    needs_backdoored_model: ClassVar[bool] = False
-    #: needs the clean reserve (breaks the no-clean-data threat model; shown in the report)
-    uses_clean_data: ClassVar[bool] = False
-    #: whether running the defense trains (for the planner's training counts)
-    trains: ClassVar[bool] = True
     #: the name shown in reports (defaults to the key)
     display_name: ClassVar[str] = ""
 
+    #: the requirement flags of earlier versions; a class that still sets one is refused (see :meth:`needs`)
+    _OLD_FLAGS: ClassVar[tuple[str, ...]] = ("needs_backdoored_model", "uses_clean_data", "trains")
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        old = [name for name in cls._OLD_FLAGS if name in vars(cls)]
+        if old:
+            raise TypeError(f"{cls.__name__} sets {', '.join(old)}; declare requirements by overriding needs(), "
+                            f"e.g. def needs(self): return Needs(backdoored_model=True)")
+
+    def needs(self) -> Needs:
+        """What this defense needs from the harness, given its parameters (default: a fresh model
+        and the poisoned set, trained from scratch)."""
+        return Needs()
+
     def run(self, ctx: DefenseContext) -> Outcome:
         raise NotImplementedError
+
+
+@dataclass
+class Detection:
+    """What the detection step of a :class:`DetectThenRepair` defense hands to its repair step."""
+
+    #: indices of ``ctx.train`` flagged as poisoned (scored as TPR/FPR against the ground truth)
+    flagged: torch.Tensor
+    #: the model the detection trained or used, when the repair continues from it
+    model: nn.Module | None = None
+    #: anything else the repair needs (tensors allowed; not stored)
+    state: dict = field(default_factory=dict)
+    #: JSON-able diagnostics, stored with the result
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class DetectThenRepair(Defense):
+    """A defense that flags suspicious training samples, then repairs a model with the flags
+    (unlearns them, retrains without them, ...).
+
+    Subclasses implement :meth:`detect` and :meth:`repair_model`; ``run`` joins them and returns the
+    flagged indices with the model, so every such defense reports TPR/FPR the same way.  NONE
+    alternates the two steps for several rounds and is a plain :class:`Defense`."""
+
+    def detect(self, ctx: DefenseContext) -> Detection:
+        raise NotImplementedError
+
+    def repair_model(self, ctx: DefenseContext, detection: Detection) -> nn.Module:
+        raise NotImplementedError
+
+    def run(self, ctx: DefenseContext) -> Outcome:
+        detection = self.detect(ctx)
+        detection.flagged = torch.as_tensor(detection.flagged, dtype=torch.long)
+        model = self.repair_model(ctx, detection)
+        return Outcome(model, flagged=detection.flagged, info=detection.info)

@@ -1,13 +1,15 @@
-"""Registries of attacks and defenses, and validation of their parameters.
+"""One registry for every kind of component, and validation of component parameters.
 
-Attacks and defenses are dataclasses: every hyperparameter is a field with a documented
-default, so a component's parameters are exactly its constructor's arguments.  A matrix names a
-component by its registered key (``badnet``), by ``module:Class`` (a researcher's own class in
-their own module, no edit of this repository), or by an installed entry point in the groups
-``bench.attacks`` / ``bench.defenses``.
+Five registries: attacks, defenses, evaluations (dataclasses: every hyperparameter is a field
+with a documented default, so a component's parameters are exactly its constructor's
+arguments), datasets and models.  A matrix names a component by its registered key
+(``badnet``), by ``module:Name`` (a researcher's own component in their own module, no edit of
+this repository), or by an installed entry point in the group ``bench.<kind>s``
+(``bench.attacks``, ``bench.defenses``, ``bench.evaluations``, ``bench.datasets``,
+``bench.models``).  A dataset may also be a path to an ``.npz`` file.
 
-Every registered package module is imported on first use (``pkgutil``), so adding a defense is
-adding one file to ``defenses/`` with ``@register_defense("key")`` on its class.
+Every module of a component package is imported on first use (``pkgutil``), so adding a defense
+is adding one file to ``defenses/`` with ``@register_defense("key")`` on its class.
 """
 from __future__ import annotations
 
@@ -49,41 +51,66 @@ def closest(name: str, allowed) -> str:
 
 
 class Registered:
-    """Base of attacks and defenses: the registry key travels with a pickled instance.
+    """Base of the dataclass components (attacks, defenses, evaluations).
 
-    The registry sets ``cls.key`` when a class is registered.  A worker started with ``spawn``
-    (every CUDA worker, and Ray) imports the class afresh when it unpickles a cell; where the class
-    is registered somewhere other than its own module (AdvrBD, registered in ``defenses/advrbd.py``,
-    or a researcher's ``module:Class``) that import alone leaves ``key`` empty, and the cell's cache
-    key would differ from the parent's.  Unpickling restores it.
+    The registry sets ``cls.key``.  A component pickles as data: its registry kind, key and
+    parameters (plus what the matrix attached, such as its label).  Unpickling, in a worker
+    started with ``spawn`` (CUDA workers, Ray, SLURM), resolves the key through the registry and
+    rebuilds the instance, so a class registered outside its own module or given as
+    ``module:Class`` arrives with the same key, and so the same cache key, as in the parent.
     """
 
     key: typing.ClassVar[str] = ""
+    #: the registry this kind of component lives in ("attack", "defense", "evaluation")
+    kind: typing.ClassVar[str] = ""
 
-    def __getstate__(self):
-        return {**self.__dict__, "__registry_key__": type(self).key}
+    def __post_init__(self):
+        check_choices(self)
 
-    def __setstate__(self, state):
-        state = dict(state)
-        key = state.pop("__registry_key__", "")
-        if key and not type(self).key:
-            type(self).key = key
-        self.__dict__.update(state)
+    def __reduce__(self):
+        names = {f.name for f in dataclasses.fields(self)}
+        params = {k: v for k, v in self.__dict__.items() if k in names}
+        extra = {k: v for k, v in self.__dict__.items() if k not in names}
+        return _rebuild, (self.kind, type(self).key, params), extra or None
+
+
+def _rebuild(kind: str, key: str, params: dict):
+    cls = REGISTRIES[kind].get(key)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(params)  # the values were validated when the matrix was read
+    return obj
 
 
 class Registry:
-    def __init__(self, kind: str, package: str, entry_point_group: str):
-        self.kind, self.package, self.group = kind, package, entry_point_group
-        self._classes: dict[str, type] = {}
+    """Named components of one kind: ``register`` them, ``get`` them by key.
+
+    A key is a registered name (``badnet``), ``module:Name`` (an object in any importable module,
+    checked with ``check``), or an installed entry point of the group ``bench.<kind>s``.  The
+    modules of ``packages`` are imported on first use, so adding a component is adding a file
+    with ``@register_<kind>("key")`` on it.  ``resolve`` handles any other form of key (datasets
+    accept a path to an ``.npz`` file).
+    """
+
+    def __init__(self, kind: str, packages: tuple[str, ...], check: typing.Callable[[object], str | None],
+                 resolve: typing.Callable[[str], object] | None = None, allowed_extra: str = "'module:Name'"):
+        self.kind, self.packages, self.group = kind, packages, f"bench.{kind}s"
+        self.check, self.resolve, self.allowed_extra = check, resolve, allowed_extra
+        self._entries: dict[str, object] = {}
+        self._descriptions: dict[str, str] = {}
         self._loaded = False
 
-    def register(self, key: str):
-        def deco(cls):
-            if key in self._classes and self._classes[key] is not cls:
+    def register(self, key: str, description: str | None = None):
+        def deco(obj):
+            if key in self._entries and self._entries[key] is not obj:
                 raise ValueError(f"{self.kind} '{key}' registered twice")
-            cls.key = key
-            self._classes[key] = cls
-            return cls
+            try:
+                obj.key = key
+            except (AttributeError, TypeError):  # a frozen object: its key is the registry's
+                pass
+            self._entries[key] = obj
+            if description is not None:
+                self._descriptions[key] = description
+            return obj
 
         return deco
 
@@ -91,42 +118,117 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{mod.name}")
+        for package in self.packages:
+            pkg = importlib.import_module(package)
+            for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+                if not mod.name.startswith("_"):
+                    importlib.import_module(f"{package}.{mod.name}")
         for ep in metadata.entry_points(group=self.group):
             self.register(ep.name)(ep.load())
 
     def names(self) -> list[str]:
         self._load()
-        return sorted(self._classes)
+        return sorted(self._entries)
 
     def items(self):
         self._load()
-        return sorted(self._classes.items())
+        return sorted(self._entries.items())
 
-    def get(self, name: str, field: str = None) -> type:
-        """Resolve a key or ``module:Class``; raise :class:`ConfigError` naming ``field``."""
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, key) -> bool:
+        self._load()
+        return key in self._entries
+
+    def describe(self, key: str) -> str:
+        """A one-line description: the one given at registration or the entry's own ``description``,
+        else its docstring's first line."""
+        self._load()
+        obj = self._entries[key]
+        return self._descriptions.get(key) or getattr(obj, "description", None) or describe(obj)
+
+    def get(self, name: str, field: str = None):
+        """Resolve a key, ``module:Name`` or a form ``resolve`` accepts; raise :class:`ConfigError`
+        naming ``field``."""
         self._load()
         field = field or self.kind
-        if name in self._classes:
-            return self._classes[name]
-        if isinstance(name, str) and ":" in name:
+        if not isinstance(name, str):
+            raise ConfigError(f"{field}: expected a {self.kind} name, got {type(name).__name__} {_show(name)}; "
+                              f"allowed: {', '.join(self.names())} or {self.allowed_extra}")
+        if name in self._entries:
+            return self._entries[name]
+        if self.resolve is not None:
+            obj = self.resolve(name, field)
+            if obj is not None:
+                return obj
+        if ":" in name:
             mod, _, attr = name.partition(":")
             try:
-                cls = getattr(importlib.import_module(mod), attr)
+                obj = getattr(importlib.import_module(mod), attr)
             except Exception as e:  # noqa: BLE001 (a user's module may fail in any way on import)
                 raise ConfigError(f"{field}: cannot import '{name}' ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())})") from None
-            base = importlib.import_module(self.package).BASE
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise ConfigError(f"{field}: '{name}' is not a subclass of {base.__name__}")
-            if not getattr(cls, "key", None) or self._classes.get(cls.key) is not cls:
-                cls.key = name
-            return cls
-        raise ConfigError(f"{field}: unknown {self.kind} '{name}'{closest(name, self._classes)}; "
-                          f"allowed: {', '.join(self.names())} or 'module:Class'")
+            problem = self.check(obj)
+            if problem:
+                raise ConfigError(f"{field}: '{name}' {problem}")
+            if self._entries.get(getattr(obj, "key", None)) is not obj:
+                try:  # its key is the name it was given by (not listed: names() are the registered ones)
+                    obj.key = name
+                except (AttributeError, TypeError):
+                    pass
+            return obj
+        raise ConfigError(f"{field}: unknown {self.kind} '{name}'{closest(name, self._entries)}; "
+                          f"allowed: {', '.join(self.names())} or {self.allowed_extra}")
+
+
+def _subclass_of(path: str):
+    """A ``check`` for class components: ``obj`` must be a subclass of the class at ``path``."""
+
+    def check(obj) -> str | None:
+        base = getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            return f"is not a subclass of {base.__name__}"
+        return None
+
+    return check
+
+
+def _dataset_check(obj) -> str | None:
+    from .data import DatasetSource
+
+    return None if isinstance(obj, DatasetSource) else "is not a DatasetSource (see bench.core.data)"
+
+
+def _dataset_file(name: str, field: str):
+    if name.endswith(".npz"):
+        from .data import DatasetSource
+
+        return DatasetSource.from_npz(name, field)
+    return None
+
+
+def _model_check(obj) -> str | None:
+    return None if callable(obj) else "is not callable (a model builder takes in_channels, num_classes, mean, std, image_size)"
+
+
+#: One registry per kind of component.  Attacks, defenses and evaluations are dataclasses;
+#: datasets are :class:`~bench.core.data.DatasetSource` objects; models are builder functions.
+ATTACKS = Registry("attack", ("attacks",), _subclass_of("bench.core.attack.Attack"), allowed_extra="'module:Class'")
+DEFENSES = Registry("defense", ("defenses", "advrbd"), _subclass_of("bench.core.defense.Defense"),
+                    allowed_extra="'module:Class'")
+EVALUATIONS = Registry("evaluation", ("evaluations",), _subclass_of("bench.core.evaluation.Evaluation"),
+                       allowed_extra="'module:Class'")
+DATASETS = Registry("dataset", ("bench.core.data",), _dataset_check, resolve=_dataset_file,
+                    allowed_extra="'module:Name' or a path to an .npz file")
+MODELS = Registry("model", ("bench.core.models",), _model_check)
+REGISTRIES = {r.kind: r for r in (ATTACKS, DEFENSES, EVALUATIONS, DATASETS, MODELS)}
+
+register_attack = ATTACKS.register
+register_defense = DEFENSES.register
+register_evaluation = EVALUATIONS.register
+register_dataset = DATASETS.register
+register_model = MODELS.register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +361,21 @@ def _check_type(value, hint, where: str):
             return value
         raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
     return value
+
+
+def _has_literal(hint) -> bool:
+    return typing.get_origin(hint) is typing.Literal or any(_has_literal(h) for h in typing.get_args(hint))
+
+
+def check_choices(obj, where: str = "") -> None:
+    """Raise :class:`ConfigError` (``"<field>: 'x' is not one of ..."``) for a field typed with a
+    ``Literal`` whose value is not one of its choices.  Components check this on construction, so
+    the choices are written once, in the type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints.get(f.name)
+        if hint is not None and _has_literal(hint):
+            _check_type(getattr(obj, f.name), hint, f"{where}{f.name}")
 
 
 def build(cls: type, params: dict, where: str):
