@@ -25,7 +25,8 @@ it: compare ACC on non-target images), the flagged fraction falls outside
 
 This class is the single source of AdvrBD's defaults: :class:`~advrbd.score.ScoreConfig` and
 :class:`~advrbd.enhance.EnhanceConfig` take the fields of the same names from it, and
-``docs/advrbd-parameters.md`` is generated from it (``python -m advrbd.params``).
+its page ``docs/methods/advrbd.md`` (every parameter, default and source) is generated from it
+(``python -m bench docs``).
 """
 from __future__ import annotations
 

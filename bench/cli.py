@@ -326,6 +326,19 @@ def cmd_versions(args) -> int:
     return 1 if found else 0
 
 
+def cmd_docs(args) -> int:
+    from . import methods_docs
+
+    if args.check:
+        stale = methods_docs.stale()
+        for name in stale:
+            print(f"docs/methods/{name} differs from the code; run `python -m bench docs`")
+        return 1 if stale else 0
+    written = methods_docs.write()
+    print(f"written: {len(written)} pages in {methods_docs.DOCS}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
@@ -408,6 +421,9 @@ def main(argv=None) -> int:
     sh.add_argument("name", help="an attack or defense name, as `list` prints it")
     sh.set_defaults(fn=cmd_show)
 
+    do = sub.add_parser("docs", help="write docs/methods/: one page per attack, defense and evaluation, from the code")
+    do.add_argument("--check", action="store_true", help="only list the pages that differ from the code")
+    do.set_defaults(fn=cmd_docs)
     ve = sub.add_parser("versions", help="check that each component's version matches its code "
                                          "(bench/versions.json), or --update it")
     ve.add_argument("--update", action="store_true", help="write bench/versions.json from the code as it stands")

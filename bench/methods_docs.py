@@ -45,7 +45,8 @@ def _value(v) -> str:
 def _type(hint) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    text = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return text.replace("|", "\\|")
 
 
 def parameters(cls) -> str:

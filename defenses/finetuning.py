@@ -1,5 +1,11 @@
 """FineTuning: retrain every layer of the backdoored model on the clean reserve.
 
+The standard baseline of the backdoor-defense literature (the fine-tuning step of Liu,
+Dolan-Gavitt, Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural
+Networks", RAID 2018, without the pruning; BackdoorBench's ``ft`` defense), and a row of AdvrBD's
+tables.  Cross-entropy on the reserve with the matrix recipe's optimizer and augmentation,
+``epochs`` at ``lr`` with a cosine decay; no deviation of note.
+
 Breaks the no-clean-data threat model: it needs ``ctx.clean_reserve`` (by default a 5%,
 class-balanced set of genuinely clean training images that the harness holds out), and the
 report's clean-data column says so.

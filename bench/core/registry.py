@@ -265,7 +265,7 @@ RANGES: tuple[tuple[tuple[str, ...], Range], ...] = (
       "patch_size"), Range(1)),
     # step sizes and scales that must be positive
     (("lr", "*_lr", "gamma", "eps", "pgd_step_size", "bn_eps", "tol", "outlier_std", "init_std", "ascent_cap",
-      "u", "s", "grid_rescale", "frequency", "beta", "scale_min", "scale_max"), Range(0, low_open=True)),
+      "u", "s", "grid_rescale", "frequency", "beta", "scale_min", "scale_max", "*_passes"), Range(0, low_open=True)),
     # shares of a set or of the image, probabilities, opacities, fractions of a schedule
     (("partition_rate", "budgets", "calibrate_candidates"), Range(0, 1, low_open=True)),
     (("betas",), Range(0, 1, high_open=True)),
@@ -450,6 +450,6 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def describe(cls) -> str:
-    """First line of the class docstring."""
+    """The first paragraph of the docstring, on one line."""
     doc = (cls.__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
