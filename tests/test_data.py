@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,10 @@ def test_image_folder_converted_once(tmp_path):
 def test_data_root_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
     assert resolve_data_root(None) == tmp_path
-    assert resolve_data_root("/x") == resolve_data_root("/x") != tmp_path
+    assert resolve_data_root("/x") == Path("/x")  # an explicit root wins over the variable
+    assert resolve_data_root("~/d") == Path.home() / "d"
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    assert resolve_data_root(None) == Path("data")
 
 
 def test_train_limit_is_class_balanced(cifar_npz):

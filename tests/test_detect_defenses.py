@@ -227,7 +227,10 @@ def test_end_to_end_through_runner(tmp_path):
     assert [o.status for o in outcomes] == ["done"] * 5, [o.error for o in outcomes]
     rows = {(o.result["defense"], o.result["clean_data"]): o.result for o in outcomes}
     for key in ("abl", "dbr", "nonlinearity"):
-        assert "detection" in rows[(key, 0.0)]
-        assert 0.0 <= rows[(key, 0.0)]["detection"]["fpr"] <= 1.0
+        r = rows[(key, 0.0)]
+        d = r["detection"]  # the rates and the flagged count describe one set of flags
+        assert d["flagged"] == round(d["tpr"] * r["n_poison"] + d["fpr"] * (r["n_train"] - r["n_poison"]))
+    assert rows[("abl", 0.0)]["detection"]["flagged"] == rows[("abl", 0.0)]["info"]["n_isolated"] == 3
+    assert rows[("nonlinearity", 0.0)]["detection"]["flagged"] == rows[("nonlinearity", 0.0)]["info"]["n_flagged"]
     assert ("scanft", 0.0) in rows and ("scanft", 0.05) in rows  # the reserve variant is tagged
     assert rows[("nonlinearity", 0.0)]["defense_name"].startswith("NONE")

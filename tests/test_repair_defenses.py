@@ -326,7 +326,9 @@ def test_end_to_end_runner_digits(tmp_path):
     und = rows[("undefended", "")]
     assert und["acc"] > 0.6
     assert rows[("finetuning", "")]["clean_data"] == 0.05 and rows[("clp", "")]["clean_data"] == 0.0
-    assert rows[("fineprune", "original")]["info"]["pruned"] >= 0
+    fp = rows[("fineprune", "original")]["info"]
+    assert fp["pruned"] == len(fp["pruned_channels"]) == round(fp["pruned_fraction"] * fp["channels"])
+    assert fp["pruned_channels"] == fp["channel_order"][:fp["pruned"]]  # the most dormant channels go first
     assert rows[("fineprune", "original")]["defense_name"].startswith("FinePruning")
     assert "pruned_only" in rows[("fineprune", "original")]["extra"]
     assert rows[("cutmix", "repair")]["info"]["mixed_batches"] > 0
