@@ -314,6 +314,7 @@ def test_matrix_checks_class_fields():
 
 # --- end to end ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_small_cnn_on_digits_learns_badnet_and_blend():
     from bench.core.data import load_dataset
     from bench.core.models import build_model

@@ -18,6 +18,7 @@ def _setup():
     return ds, model, Trainer(recipe=Recipe(epochs=4, batch_size=64, lr=0.05, crop_padding=1, flip=False))
 
 
+@pytest.mark.slow
 def test_a_resumed_training_equals_an_uninterrupted_one(tmp_path):
     ds, ref, tr = _setup()
     history = []
@@ -53,6 +54,7 @@ def test_a_checkpoint_from_other_numerics_is_ignored(tmp_path):
     assert Checkpoint(tmp_path / "c.pt", tag="").load() is None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_resumes_with_the_same_final_metrics(tmp_path, python_env):
     import json
     import signal

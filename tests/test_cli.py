@@ -1,3 +1,4 @@
+import pytest
 """The command line as a user runs it: crash safety, extension by a user's own module, report."""
 import json
 import os
@@ -20,6 +21,7 @@ def _run(py, env, args, cwd):
     return subprocess.run([py, "-m", "bench", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path, python_env):
     env, py = python_env
     # two poisoned sets (two seeds), so a kill can land between and inside trainings
@@ -46,6 +48,7 @@ def test_sigkill_then_resume(tmp_path, python_env):
     assert not list(runs.rglob("*.tmp"))  # no half-written files left behind
 
 
+@pytest.mark.slow
 def test_users_own_defense_from_their_module(tmp_path, python_env):
     env, py = python_env
     (tmp_path / "mydefs.py").write_text(textwrap.dedent('''
@@ -86,6 +89,7 @@ def test_users_own_defense_from_their_module(tmp_path, python_env):
     assert r.returncode == 2 and "defenses[0].dorp" in r.stderr and "did you mean 'drop'" in r.stderr
 
 
+@pytest.mark.slow
 def test_list_names_every_component(python_env, tmp_path):
     env, py = python_env
     r = _run(py, env, ["list"], tmp_path)
@@ -94,6 +98,7 @@ def test_list_names_every_component(python_env, tmp_path):
         assert f"  {name} " in r.stdout
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_matrix_at_once(tmp_path, python_env):
     env, py = python_env
     raw = matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 4}, defenses=["undefended", "test_runner:Spy"])

@@ -141,6 +141,7 @@ def test_evaluation_contract(key, digits):
     assert pickle.loads(pickle.dumps(ev)) == ev
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", DATASETS.names())
 def test_dataset_contract(key):
     source = DATASETS.get(key)

@@ -61,6 +61,7 @@ def test_registered_names():
 
 # --- ABL --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_abl_isolates_the_lowest_loss_one_percent(toy):
     # Isolation keeps the floor(1%) lowest-loss samples, as the authors' isolate_data does.  (Whether those are poison depends on ABL's
     # premise that the backdoor is learned before the clean task.  On these 16x16 digits it is not:
@@ -95,6 +96,7 @@ def test_abl_lga_modes_differ():
 
 # --- DBR --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dbr_fct_ranks_poison_higher(toy):
     # The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
     # steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a
@@ -158,6 +160,7 @@ def test_scan_flags_the_target_class_only():
         assert is_poison[det["flagged"]].float().mean().item() >= 0.9
 
 
+@pytest.mark.slow
 def test_scan_runs_on_the_toy_model(toy):
     ctx, model, _ = toy
     det = SCAnFT(trusted_reserve=False).scan(ctx, model)
@@ -183,6 +186,7 @@ class _NoFeatures:
 
 # --- NONE -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_none_flags_mostly_poison(toy):
     ctx, model, is_poison = toy
     det = NONE().detect(ctx, model)
@@ -196,6 +200,7 @@ def test_none_flags_mostly_poison(toy):
     assert all(len(det["selected"][u.name]) == -(-u.conv.out_channels * 3 // 100) for u in units)
 
 
+@pytest.mark.slow
 def test_none_reset_zeroes_channel_and_consumer(toy):
     ctx, model, _ = toy
     m = copy.deepcopy(model)
@@ -212,6 +217,7 @@ def test_none_reset_zeroes_channel_and_consumer(toy):
 
 # --- end to end through the runner -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_end_to_end_through_runner(tmp_path):
     torch.set_num_threads(1)
     raw = {"name": "detect", "datasets": [{"name": "digits", "train_limit": 300, "test_limit": 100}],

@@ -179,6 +179,7 @@ def _replace(obj, path, value):
     return obj
 
 
+@pytest.mark.slow
 def test_mutation_fuzz_only_config_errors():
     """Replace one value (or add one key) of a rich valid matrix with junk, 1500 times (seeded):
     the loader either accepts it or raises ConfigError with a one-line message."""

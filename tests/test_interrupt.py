@@ -1,3 +1,4 @@
+import pytest
 """Ctrl-C and SIGTERM: workers stop, nothing half-written stays, one line says what finished and how to
 resume, and the exit status is 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
 import os
@@ -54,6 +55,7 @@ def _check_stopped(proc, tmp_path, signame, code):
     return last
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path, python_env):
     proc, cmd, env = _start(tmp_path, python_env)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
@@ -68,6 +70,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path, python_env):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished work kept, not redone
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_workers(tmp_path, python_env):
     proc, _, _ = _start(tmp_path, python_env, ["--jobs-per-device", "2"])
     assert len(_session_processes(proc.pid)) >= 3  # the run and its two workers

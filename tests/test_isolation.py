@@ -1,3 +1,4 @@
+import pytest
 """A defense cannot corrupt other cells nor reach the ground truth through its context."""
 import functools
 import types
@@ -97,6 +98,7 @@ class Digger(Defense):
         return Outcome(ctx.backdoored_model())
 
 
+@pytest.mark.slow
 def test_a_defense_that_damages_its_inputs_changes_no_other_cell(tmp_path):
     m = parse_matrix(matrix_dict(defenses=["undefended", "test_isolation:Vandal", "test_isolation:Retrain"],
                                  recipe={**TINY_RECIPE, "epochs": 4}))

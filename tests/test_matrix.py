@@ -51,6 +51,7 @@ def test_missing_required_field():
         parse_matrix(raw)
 
 
+@pytest.mark.slow
 def test_cli_exits_nonzero_with_one_line(tmp_path, python_env):
     import subprocess
 

@@ -1,3 +1,4 @@
+import pytest
 """--save-models, bench models and bench export: a defended model can be found and taken out."""
 import torch
 import yaml
@@ -10,6 +11,7 @@ from bench.core.models import build_model
 from bench.core.trainer import Trainer
 
 
+@pytest.mark.slow
 def test_saved_defended_model_exports_and_reproduces_its_accuracy(tmp_path, capsys):
     raw = matrix_dict(defenses=["undefended", {"name": "finetuning", "epochs": 1}], recipe={**TINY_RECIPE, "epochs": 2})
     path = tmp_path / "m.yaml"

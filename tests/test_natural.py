@@ -36,6 +36,7 @@ def measured(backdoored, digits):
     return CALIB.evaluate(backdoored, digits.test, digits.num_classes, seed=0)
 
 
+@pytest.mark.slow
 def test_inversion_finds_the_planted_target_at_the_smallest_budget(measured):
     s = measured.summary()
     assert s["budgets"][0] == 0.02
@@ -46,6 +47,7 @@ def test_inversion_finds_the_planted_target_at_the_smallest_budget(measured):
     assert max(others) < 0.5
 
 
+@pytest.mark.slow
 def test_mask_respects_the_hard_budget(measured, digits):
     hw = digits.size * digits.size
     l1 = measured.masks.sum((2, 3))  # B x K
@@ -61,6 +63,7 @@ def test_mask_respects_the_hard_budget(measured, digits):
     assert torch.allclose(m[1], torch.tanh(M[1]) / 2 + 0.5)
 
 
+@pytest.mark.slow
 def test_evaluation_split_is_disjoint_from_inversion_split(measured, digits):
     inv, ev = set(measured.inversion_idx.tolist()), set(measured.eval_idx.tolist())
     assert not inv & ev
@@ -74,6 +77,7 @@ def test_evaluation_split_is_disjoint_from_inversion_split(measured, digits):
     assert set(a.tolist()) != set(a2.tolist())  # seeded
 
 
+@pytest.mark.slow
 def test_mad_anomaly_index_flags_the_target(measured):
     s = measured.summary()
     assert TARGET in s["flagged"]
@@ -82,6 +86,7 @@ def test_mad_anomaly_index_flags_the_target(measured):
     assert s["min_l1"][TARGET] <= 0.02 * 256 + 1e-3
 
 
+@pytest.mark.slow
 def test_cost_counts_every_pass(measured):
     c = measured.cost
     triggers = CALIB.restarts * len(CALIB.budgets) * 10
@@ -114,6 +119,7 @@ def test_evaluate_field_changes_the_result_key_only_when_present():
     assert len({str(c.result_ident()) for c in (plain, a, b)}) == 3
 
 
+@pytest.mark.slow
 def test_clean_training_through_the_runner(tmp_path):
     ev = {"name": "natural_backdoor", "budgets": [0.02, 0.04], "steps": 5, "restarts": 1, "per_class": 3,
           "eval_size": 40}

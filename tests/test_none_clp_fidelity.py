@@ -281,6 +281,7 @@ def none_case(request):
     return arch, model, NONE().detect(_ctx(), model), expected
 
 
+@pytest.mark.slow
 def test_none_monitors_the_reference_convs(none_case):
     arch, model, det, expected = none_case
     units = monitored_units(model)
@@ -292,11 +293,13 @@ def test_none_monitors_the_reference_convs(none_case):
         assert len(units) == 6
 
 
+@pytest.mark.slow
 def test_none_selects_the_reference_channels(none_case):
     _, _, det, expected = none_case
     assert {k: v.tolist() for k, v in det["selected"].items()} == expected["SELECTED"]
 
 
+@pytest.mark.slow
 def test_none_flags_the_reference_samples(none_case):
     _, model, det, expected = none_case
     assert det["flagged"].tolist() == expected["FLAGGED"]
@@ -305,6 +308,7 @@ def test_none_flags_the_reference_samples(none_case):
     assert expected["FLAGGED"] != expected["FLAGGED_JENKSPY020"]      # the two rules do differ here
 
 
+@pytest.mark.slow
 def test_none_reset_matches_the_reference(none_case):
     arch, _, det, expected = none_case
     model = fixed_model(arch)

@@ -66,6 +66,7 @@ def digits_model():
     return ds, trainer, model
 
 
+@pytest.mark.slow
 def test_finetuning_changes_weights_and_keeps_accuracy(digits_model):
     ds, trainer, model = digits_model
     acc0 = trainer.accuracy(model, ds.test)
@@ -78,6 +79,7 @@ def test_finetuning_changes_weights_and_keeps_accuracy(digits_model):
     assert trainer.accuracy(out.model, ds.test) >= acc0 - 0.1
 
 
+@pytest.mark.slow
 def test_finetuning_refuses_without_reserve(digits_model):
     ds, trainer, model = digits_model
     with pytest.raises(RuntimeError, match="clean reserve"):
@@ -152,6 +154,7 @@ def test_fineprune_mask_survives_finetuning():
     assert "pruned_only" in out.extra_models
 
 
+@pytest.mark.slow
 def test_fineprune_advrbd_preset_layer_and_rate(digits_model):
     ds, trainer, model = digits_model
     assert second_layer_index(model) == 1                      # small CNN: no stem

@@ -11,6 +11,7 @@ from bench.runner import Runner
 from bench.store import Store
 
 
+@pytest.mark.slow
 def test_load_flattens_parameters_and_joins_the_undefended_baseline(tmp_path):
     raw = matrix_dict(attacks=[{"name": "badnet", "sweep": {"poison_ratio": [0.05, 0.1]}}],
                       defenses=["undefended", "finetuning", "test_isolation:Retrain"],

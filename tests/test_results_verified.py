@@ -19,6 +19,7 @@ def finished(tmp_path):
     return args, sorted((tmp_path / "runs" / "results").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_bad_results_are_listed_by_report_and_recomputed_by_run(finished, capsys, caplog):
     args, paths = finished
     assert len(paths) == 4
@@ -52,6 +53,7 @@ def test_bad_results_are_listed_by_report_and_recomputed_by_run(finished, capsys
     assert "0 computed, 4 cached" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_refuses_to_mix_thread_counts(tmp_path, capsys):
     m = tmp_path / "m.yaml"
     m.write_text(yaml.safe_dump(matrix_dict(recipe={"epochs": 2, "batch_size": 64, "crop_padding": 1, "flip": False},

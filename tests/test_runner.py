@@ -44,6 +44,7 @@ def finished(tmp_path_factory):
     return m, runner, outcomes, root
 
 
+@pytest.mark.slow
 def test_backdoor_learned_and_results_written(finished):
     m, runner, outcomes, root = finished
     by = {o.cell.defense.key: o for o in outcomes}
@@ -54,6 +55,7 @@ def test_backdoor_learned_and_results_written(finished):
     assert len(list((root / "results").glob("*.json"))) == 2
 
 
+@pytest.mark.slow
 def test_backdoored_model_trained_once_and_shared(finished):
     _, _, outcomes, root = finished
     assert len(list((root / "backdoor").iterdir())) == 1
@@ -61,6 +63,7 @@ def test_backdoored_model_trained_once_and_shared(finished):
     assert by["undefended"]["acc"] == by["test_runner:Spy"]["acc"]
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_others_go_on(finished):
     _, _, outcomes, root = finished
     broken = [o for o in outcomes if o.status == "failed"]
@@ -69,6 +72,7 @@ def test_failing_cell_is_recorded_and_others_go_on(finished):
     assert len(failure) == 1 and "RuntimeError: boom" in failure[0].read_text()
 
 
+@pytest.mark.slow
 def test_defense_never_sees_ground_truth(finished):
     ctx = Spy.seen[-1]
     assert set(vars(ctx.train)) == {"x", "y"}
@@ -81,6 +85,7 @@ def test_defense_never_sees_ground_truth(finished):
     assert int((ctx.train.y == 1).sum()) > int((ctx.train.y == 0).sum())
 
 
+@pytest.mark.slow
 def test_detection_reported_when_flagged(finished):
     _, _, outcomes, _ = finished
     spy = next(o for o in outcomes if o.cell.defense.key == "test_runner:Spy")
@@ -88,6 +93,7 @@ def test_detection_reported_when_flagged(finished):
     assert spy.result["detection"]["flagged"] == 10
 
 
+@pytest.mark.slow
 def test_rerun_uses_cache_without_training(finished, monkeypatch):
     m, _, _, root = finished
     from bench import trainer
@@ -101,6 +107,7 @@ def test_rerun_uses_cache_without_training(finished, monkeypatch):
     assert status == ["cached", "cached", "failed"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_poison_and_metrics(finished, tmp_path):
     m, runner, outcomes, root = finished
     cell = next(c for c in m.cells if c.defense.key == "undefended")
@@ -128,6 +135,7 @@ def test_clean_reserve_is_clean_and_balanced(digits):
         assert bool((clean_x == x).flatten(1).all(1).any())
 
 
+@pytest.mark.slow
 def test_tampered_backdoor_checkpoint_is_recomputed(tmp_path):
     m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2}))
     runner = Runner(Store(tmp_path))

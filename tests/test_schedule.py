@@ -56,6 +56,7 @@ def test_two_workers_finish_everything(tmp_path):
     assert len(p.failed_before) == 2 and not p.todo
 
 
+@pytest.mark.slow
 def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -77,6 +78,7 @@ def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
     assert len(list((tmp_path / "backdoor").iterdir())) == 1  # shared by both cells
 
 
+@pytest.mark.slow
 def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
     """CUDA and Ray workers are fresh interpreters that unpickle cells: a defense registered outside
     its own module (AdvrBD) or given as ``module:Class`` must keep its key, or results land under

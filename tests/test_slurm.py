@@ -29,6 +29,7 @@ def test_backdoored_models_get_a_job_each_and_cells_are_packed_by_poisoned_set()
         assert len({digest(t[2].backdoor_ident()) for t in job}) == 1
 
 
+@pytest.mark.slow
 def test_a_matrix_runs_as_jobs_and_every_cell_reports(tmp_path):
     pytest.importorskip("submitit")
     from bench.slurm_executor import SlurmOptions

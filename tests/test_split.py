@@ -40,6 +40,7 @@ def test_shards_partition_the_cells_by_poisoned_set():
     assert all(parts)
 
 
+@pytest.mark.slow
 def test_a_held_cell_is_skipped_then_waited_for(tmp_path):
     cell = next(c for c in parse_matrix(_matrix(seeds=[0], epochs=2)).cells if c.defense.key == "undefended")
     store = Store(tmp_path)
@@ -60,6 +61,7 @@ def _counts(err):
     return [int(g or 0) for g in m.groups()]
 
 
+@pytest.mark.slow
 def test_two_processes_compute_each_cell_exactly_once(tmp_path, python_env):
     env, py = python_env
     path = tmp_path / "m.yaml"
@@ -76,6 +78,7 @@ def test_two_processes_compute_each_cell_exactly_once(tmp_path, python_env):
     assert logs.count("training backdoored model") == 4
 
 
+@pytest.mark.slow
 def test_shard_flag_runs_its_part_only(tmp_path, python_env):
     env, py = python_env
     path = tmp_path / "m.yaml"

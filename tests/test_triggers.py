@@ -59,6 +59,7 @@ def test_one_channel_is_luminance():
     assert torch.allclose(gray[0], expect, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,rows,cols", [(32, (1, 13), (18, 30)), (64, (2, 27), (35, 60)),
                                             (224, (7, 98), (123, 214))])
 def test_badge_geometry(size, rows, cols):
