@@ -96,7 +96,7 @@ def test_detection_reported_when_flagged(finished):
 @pytest.mark.slow
 def test_rerun_uses_cache_without_training(finished, monkeypatch):
     m, _, _, root = finished
-    from bench import trainer
+    from bench.core import trainer
 
     def no_training(*a, **k):
         raise AssertionError("trained although cached")
