@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from bench.core.attack import PoisonedSet, TriggeredTest
-from bench.core.defense import DefenseContext, Observations, Outcome
-
 from .core import metrics
+from .core.attack import PoisonedSet, TriggeredTest
 from .core.data import Dataset, ImageSet, load_dataset
+from .core.defense import DefenseContext, Observations, Outcome
 from .core.models import ModelFactory
 from .core.tensors import round_robin, stream
 from .core.trainer import Checkpoint, Trainer
