@@ -47,7 +47,7 @@ Deviations from the reference, and why:
   ``n S_u + S_e`` ill-conditioned); ``ridge=0`` gives the reference's plain pseudo-inverse.
 * Clean-reference membership uses "index >= size of D" (the reference's ``>`` miscounts one).
 
-``uses_clean_data`` is a per-instance property: true unless ``trusted_reserve`` is false.
+Its ``needs()`` declares the clean reserve unless ``trusted_reserve`` is false.
 """
 from __future__ import annotations
 

@@ -4,11 +4,21 @@ A defense is a dataclass whose fields are its hyperparameters, with one method::
 
     def run(self, ctx: DefenseContext) -> Outcome
 
+and, when it needs more than a fresh model and the poisoned set, one declaration::
+
+    def needs(self) -> Needs   # e.g. Needs(backdoored_model=True, clean_data=self.repair_epochs > 0)
+
 ``ctx`` holds the poisoned training set as a defender sees it (images and given labels, no
 ground truth), a model factory, the shared :class:`~bench.core.trainer.Trainer`, the cached
-backdoored model (built lazily, a fresh copy each call), the clean reserve (only for defenses
-that declare ``uses_clean_data``), a seeded generator and a logger.  A defense needs no paths,
-no device code and no argparse: one file of the method's own logic.
+backdoored model (built lazily, a fresh prepared copy each call), the clean reserve (only for
+defenses that declare ``Needs(clean_data=True)``), named random streams (``ctx.rng("isolation")``,
+``ctx.seed_for("retrain")``) and a logger.  A defense needs no paths, no device code and no
+argparse: one file of the method's own logic.  Its forward passes go through the trainer
+(``trainer.fit``, ``trainer.map``, ``trainer.step``, or ``trainer.autocast()`` around a custom
+loss), which counts the work the report shows as the defense's cost.
+
+Defenses that first flag suspicious training samples and then repair (ABL, DBR, SCAnFT) subclass
+:class:`DetectThenRepair`: ``detect`` returns a :class:`Detection`, ``repair_model`` the model.
 
 ``ctx.observe(tag, model)`` lets a defense hand intermediate models to the harness, which
 evaluates them with the ground truth it keeps to itself (ACC/ASR per round, for plots);
