@@ -182,6 +182,16 @@ class DatasetSource:
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"{field}: the dataset file '{p}' does not exist")
+        stat = p.stat()
+        key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _NPZ_SOURCES:  # read and hashed once per file version, however often it is named
+            _NPZ_SOURCES[key] = cls._read_npz_source(p, field)
+        return _NPZ_SOURCES[key]
+
+    @classmethod
+    def _read_npz_source(cls, p: Path, field: str) -> "DatasetSource":
+        from .registry import ConfigError
+
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
@@ -199,6 +209,10 @@ class DatasetSource:
         name = p.stem
         return cls(f"{name} from {p} ({k} classes, {shape[1]}x{shape[2]}x{shape[3]})", k, shape[1], shape[2],
                    loader=lambda root, p=p, name=name: _from_npz(p, name), path=str(p), sha256=sha256_file(p))
+
+
+#: the dataset files already read: (path, size, mtime) -> DatasetSource
+_NPZ_SOURCES: dict[tuple, DatasetSource] = {}
 
 
 def dataset(name: str, description: str, num_classes: int, channels: int, size: int, flip: bool = True,
