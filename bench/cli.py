@@ -39,9 +39,25 @@ def _setup(args):
 
     matrix = load_matrix(_matrix_path(args.matrix), getattr(args, "set", None))
     out = Path(args.output or matrix.output)
-    runner = Runner(Store(out), device=_device(args.device), data_root=args.data_root,
+    device = _device(args.device)
+    devices = getattr(args, "devices", None)
+    if devices and devices not in ("auto", "cpu") and getattr(args, "executor", "local") == "local":
+        device = _device(devices.split(",")[0])  # the slots' kind decides the dtype "auto" means
+    # results are keyed by the dtype each cell computes in: resolve "auto" for this run's device
+    matrix = matrix.for_device(device, getattr(args, "precision", None))
+    args.precision_note = _precision_note(matrix, device)
+    runner = Runner(Store(out), device=device, data_root=args.data_root,
                     save_models=getattr(args, "save_models", False))
     return matrix, runner
+
+
+def _precision_note(matrix, device) -> str:
+    """One line for the run's header: the dtype(s) the cells compute in, and why."""
+    from .core.trainer import resolve_precision
+
+    asked = {c.recipe.precision for c in matrix.cells}
+    auto_why = resolve_precision("auto", device)[1]
+    return f"precision: {', '.join(sorted(asked))} on {device} (here {auto_why})"
 
 
 def _report_dir(args, matrix) -> Path:
@@ -140,6 +156,8 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
     print(f"matrix '{matrix.name}': {len(cells)} cells -> {runner.store.root}", file=sys.stderr)
+    if getattr(args, "precision_note", None) and p.todo:
+        print(args.precision_note, file=sys.stderr)
     if getattr(args, "threads_note", None) and p.todo:
         print(args.threads_note, file=sys.stderr)
     slurm = None
@@ -350,6 +368,10 @@ def main(argv=None) -> int:
         sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
         sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+        sp.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="every training and forward pass of every cell in this dtype, replacing the "
+                             "matrix's recipe.precision (default: the matrix's, whose default is auto: bf16 "
+                             "autocast on CUDA and on CPUs with native bf16, fp32 elsewhere)")
         sp.add_argument("--allow-mixed-numerics", action="store_true",
                         help="render a table whose results were computed with different device, dtype, thread "
                              "count or torch version (refused by default: such numbers are not comparable bit "

@@ -9,7 +9,8 @@ Example (every field but ``attacks`` and ``defenses`` is optional)::
     seeds: [0]
     datasets: [digits]         # or {name: cifar10, train_limit: 10000, recipe: {epochs: 15}}
     models: [small_cnn]
-    recipe: {epochs: 30, lr: 0.05}
+    recipe: {epochs: 30, lr: 0.05}   # or {preset: fast, epochs: 12}: a named recipe, fields beside it win;
+                                     # precision: auto | fp32 | bf16 (auto: bf16 where native)
     reserve_ratio: 0.05        # clean reserve for defenses that use clean data
     attacks:
       - badnet
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .core.attack import Attack
@@ -48,7 +50,7 @@ from .core.registry import (
     label,
     params_of,
 )
-from .core.trainer import Recipe
+from .core.trainer import RECIPE_PRESETS, Recipe, resolve_precision
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
@@ -121,6 +123,14 @@ class Cell:
     evaluations: tuple = ()
     #: a backdoored model trained elsewhere (``backdoored_models`` in the matrix)
     external: ExternalBackdoor | None = None
+    #: the dtype the cell computes in ("fp32" | "bf16"): ``recipe.precision`` resolved for the run's
+    #: device (:meth:`Matrix.for_device`); it, not the request, enters the cache keys
+    dtype: str | None = None
+
+    @property
+    def run_recipe(self) -> Recipe:
+        """The recipe the cell trains with: ``recipe`` with its precision resolved to :attr:`dtype`."""
+        return self.recipe.with_(precision=self.dtype)
 
     # --- identities ---------------------------------------------------------------------------
     def poison_ident(self) -> dict:
@@ -132,7 +142,7 @@ class Cell:
         return ident
 
     def backdoor_ident(self) -> dict:
-        ident = {**self.poison_ident(), "model": self.model, "recipe": self.recipe.as_dict()}
+        ident = {**self.poison_ident(), "model": self.model, "recipe": self.run_recipe.ident()}
         if self.external is not None:
             ident["external_weights"] = self.external.weights_sha256
         return ident
@@ -170,6 +180,18 @@ class Matrix:
     data_root: str | None = None
     description: str = ""
     raw: dict = field(default_factory=dict)
+
+    def for_device(self, device, precision: str | None = None) -> "Matrix":
+        """The matrix with every cell's ``recipe.precision`` resolved to the dtype it computes in on
+        ``device`` ("auto" becomes "fp32" or "bf16", see :func:`~bench.core.trainer.resolve_precision`),
+        after ``precision`` (the ``--precision`` flag) replaced the matrix's where given.  Results
+        are keyed by that dtype, so a bf16 result and an fp32 one of the same cell never share a key;
+        fp32 results keep the keys they had before precision was a choice."""
+        cells = []
+        for c in self.cells:
+            recipe = c.recipe.with_(precision=precision)
+            cells.append(dataclasses.replace(c, recipe=recipe, dtype=resolve_precision(recipe.precision, device)[0]))
+        return dataclasses.replace(self, cells=cells)
 
 
 def _as_list(value, where):
@@ -230,9 +252,17 @@ def _recipe(base: Recipe, overrides, where: str) -> Recipe:
         raise ConfigError(f"{where}: expected a mapping of recipe fields")
     fields = {f.name for f in dataclasses.fields(Recipe)}
     current = dataclasses.asdict(base)
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    if preset is not None:  # the preset's fields replace the inherited ones; fields beside it win
+        if preset not in RECIPE_PRESETS:
+            raise ConfigError(f"{where}.preset: {preset!r} is not a recipe preset; allowed: "
+                              f"{', '.join(RECIPE_PRESETS)}{closest(str(preset), RECIPE_PRESETS)}")
+        current = dataclasses.asdict(Recipe.preset(preset))
     for k in overrides:
         if k not in fields:
-            raise ConfigError(f"{where}.{k}: unknown recipe field{closest(k, fields)}; allowed: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{where}.{k}: unknown recipe field{closest(k, fields | {'preset'})}; allowed: "
+                              f"{', '.join(sorted(fields | {'preset'}))}")
     # type-check through the same machinery as components
     return build(Recipe, {**current, **overrides}, where)
 
@@ -341,8 +371,9 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                   externals.get((spec.name, model, attack.matrix_entry, seed)))
              for (spec, recipe), model, (attack, _), defense, seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]
+    # resolved for the default device (CUDA where there is one); a run on another re-resolves
     return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
-                  raw.get("description", ""), raw)
+                  raw.get("description", ""), raw).for_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _read_indices(path: Path, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

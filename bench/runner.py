@@ -177,7 +177,7 @@ class Runner:
         return self._poisoned[key]
 
     def trainer(self, cell: Cell) -> Trainer:
-        return Trainer(device=torch.device(self.device), recipe=cell.recipe, **self.trainer_options)
+        return Trainer(device=torch.device(self.device), recipe=cell.run_recipe, **self.trainer_options)
 
     def make_model(self, cell: Cell, ds: Dataset):
         return self.model_factory(cell, ds)()
@@ -323,7 +323,7 @@ class Runner:
                 self.store.dir("backdoor", digest(cell.backdoor_ident())) / "meta.json")
 
         trainer = self.trainer(cell)
-        eval_trainer = Trainer(device=trainer.device, recipe=cell.recipe, **self.trainer_options)
+        eval_trainer = Trainer(device=trainer.device, recipe=cell.run_recipe, **self.trainer_options)
         recorded = Observations()
         # The context is plain data (see bench.core.defense): the cell's own copy of the training set, model
         # factories without a reference to this runner, and a record of observations evaluated below.

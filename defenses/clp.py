@@ -15,7 +15,9 @@ setting ``gamma_k = beta_k = 0``.  All SVDs of a layer run as one batched call.
 is wrong for pre-activation ResNets, where BN comes *before* the conv: ``bn1`` of a PreAct block
 normalises the residual sum, not the previous block's ``conv2``.  Here the pairs come from the
 model's dataflow (``torch.fx``): a pair is a BN whose input is exactly a conv's output, with that
-output used by nothing else.  So this implementation **adapts** to PreAct-ResNet-18 rather than
+output used by nothing else, possibly through a max pool (per channel and 1-Lipschitz, so the
+channel's bound carries through it: the fast network pools between a group's first conv and its
+BN, and the reference's module-order pairing pairs them too).  So this implementation **adapts** to PreAct-ResNet-18 rather than
 refusing it: it prunes the genuine pairs (each block's ``conv1 -> bn2``) and leaves the
 pre-activation BNs (``bn1`` of each block, the final BN) alone, listing them in ``info``.  With
 ``strict = True`` it instead refuses any model that has a BN not fed directly by a conv, with an
@@ -42,6 +44,10 @@ from bench.core.trainer import Schedule
 from .finetuning import require_reserve
 
 
+#: modules that act on each channel alone and are 1-Lipschitz: a conv's channel bound holds through them
+PER_CHANNEL_1_LIPSCHITZ = (nn.MaxPool2d,)
+
+
 class CLPError(ValueError):
     """The model does not have the conv -> BN structure CLP assumes."""
 
@@ -59,6 +65,9 @@ def conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0] if node.args else None
+        while (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+               and isinstance(modules.get(src.target), PER_CHANNEL_1_LIPSCHITZ)):
+            src = src.args[0]  # a max pool between conv and BN keeps the channel's bound
         ok = (isinstance(src, torch.fx.Node) and src.op == "call_module"
               and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
               and modules[src.target].out_channels == modules[node.target].num_features)

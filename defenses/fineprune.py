@@ -58,7 +58,6 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bench.core.data import ImageSet
 from bench.core.defense import Defense, DefenseContext, Needs, Outcome
@@ -120,12 +119,12 @@ def stage_outputs(trainer: Trainer, model, x_uint8: torch.Tensor, layer: int) ->
 
 
 def tail_logits(trainer: Trainer, model, acts: torch.Tensor, layer: int) -> torch.Tensor:
-    """Logits from stage outputs: the remaining stages, global average pooling and the head.  Each
+    """Logits from stage outputs: the remaining stages, the model's pooling and the head.  Each
     input counts as one evaluation pass (an upper bound: only the stages after ``layer`` run)."""
     def tail(h):
         for stage in model.body[layer + 1:]:
             h = stage(h)
-        return model.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return model.head(model.pool(h))
 
     return trainer.map(tail, acts, model=model, images=False, on_device=True)
 

@@ -122,7 +122,10 @@ def _local_units(model) -> list[Unit]:
         if not isinstance(m, nn.Conv2d):
             continue
         parent = parent_of.get(id(m))
-        nxt_leaf = leaves[pos + 1][1] if pos + 1 < len(leaves) else None
+        k = pos + 1  # the BN fed by the conv, looking past a max pool (the fast network pools first)
+        while k < len(leaves) and isinstance(leaves[k][1], nn.MaxPool2d):
+            k += 1
+        nxt_leaf = leaves[k][1] if k < len(leaves) else None
         bn = nxt_leaf if (isinstance(nxt_leaf, nn.BatchNorm2d) and parent_of.get(id(nxt_leaf)) is parent
                           and nxt_leaf.num_features == m.out_channels) else None
         q = pos + 1

@@ -192,7 +192,7 @@ class _SpyTrainer(Trainer):
 
     def step(self, model, opt, loss, n):
         g = opt.param_groups[0]
-        self.steps.append((self._augment, g["lr"], id(opt), g["weight_decay"], g["nesterov"]))
+        self.steps.append((self._augment, g["lr"], opt, g["weight_decay"], g["nesterov"]))  # the optimizer itself: an id could be reused
         super().step(model, opt, loss, n)
 
 

@@ -8,6 +8,7 @@ through the runner.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -98,14 +99,24 @@ def test_abl_lga_modes_differ():
 
 @pytest.mark.slow
 def test_dbr_fct_ranks_poison_higher(toy):
-    # The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
-    # steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a
-    # 16 px digit moves clean features as much as poisoned ones (rotate+affine gives AUROC ~0.73).
+    """The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
+    steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a 16 px
+    digit moves clean features as much as poisoned ones.
+
+    One draw is a coin here.  Measured AUROC over the DBR seed (0-4) at 1 and 2 threads (torch 2.14,
+    an AVX-512/AMX CPU): 0.727 0.609 0.851 0.734 0.861 (1 thread), 0.847 0.652 0.696 0.593 0.717
+    (2 threads).  So the test takes the median of three draws (seeds 0-2: 0.727 and 0.696 in those
+    measurements) against 0.6, about 2.8 standard errors above chance (0.5 +- 0.036 for 67 poisoned
+    of 1,347) and 0.1 below the lowest measured median."""
     ctx, _, is_poison = toy
     dbr = DBR(sd_epochs=8, sd_lr=0.05, intra_epochs=2, transforms=("affine",))
-    delta = dbr.fct(ctx, dbr.sd_model(ctx))
-    auroc = roc_auc_score(is_poison.numpy(), delta.numpy())
-    assert auroc >= 0.8, auroc
+    aurocs, deltas = [], []
+    for seed in range(3):
+        draw = dataclasses.replace(ctx, seed=seed)
+        deltas.append(dbr.fct(draw, dbr.sd_model(draw)))
+        aurocs.append(roc_auc_score(is_poison.numpy(), deltas[-1].numpy()))
+    assert sorted(aurocs)[1] >= 0.6, aurocs
+    delta = deltas[0]
     clean, poison = dbr.split(delta)
     # the authors' thresholds: delta <= s[floor(0.2 N)] is clean (one more than floor(0.2 N) without ties)
     assert len(clean) == int(0.2 * len(delta)) + 1 and len(poison) == int(0.05 * len(delta))

@@ -78,7 +78,7 @@ BAD = [
     ("recipe-batch-0", "recipe: {batch_size: 0}\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("recipe-lr-0", "recipe: {lr: 0}\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("recipe-lr-word", "recipe: {lr: fast}\nattacks: [badnet]\ndefenses: [undefended]\n"),
-    ("recipe-schedule", "recipe: {schedule: linear}\nattacks: [badnet]\ndefenses: [undefended]\n"),
+    ("recipe-schedule", "recipe: {schedule: exponential}\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("recipe-milestone", "recipe: {milestones: [0.5, 2]}\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("recipe-unknown", "recipe: {epoch: 3}\nattacks: [badnet]\ndefenses: [undefended]\n"),
     ("recipe-flip-string", "recipe: {flip: maybe}\nattacks: [badnet]\ndefenses: [undefended]\n"),

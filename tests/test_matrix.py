@@ -30,7 +30,7 @@ def test_sweep_expands_to_one_cell_per_value():
     ({"attacks": [{"poison_ratio": 0.1}]}, "attacks[0].name", "missing"),
     ({"recipe": {"epochs": "ten"}}, "recipe.epochs", "expected an integer"),
     ({"recipe": {"epoch": 3}}, "recipe.epoch", "did you mean 'epochs'"),
-    ({"recipe": {"schedule": "linear"}}, "recipe", "not one of"),
+    ({"recipe": {"schedule": "exponential"}}, "recipe", "not one of"),
     ({"reserve_ratio": 2}, "reserve_ratio", "[0, 1]"),
     ({"seeds": ["a"]}, "seeds[0]", "integer"),
     ({"datasets": [{"name": "digits", "train_limit": -5}]}, "datasets[0].train_limit", "positive integer"),

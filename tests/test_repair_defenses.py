@@ -167,11 +167,17 @@ def test_fineprune_advrbd_preset_layer_and_rate(digits_model):
     mask = out.model.body[1][-1]
     assert isinstance(mask, ChannelMask) and int((mask.mask == 0).sum()) == 12
     # the pruned channels are the 12 least active on the activation part of the reserve
-    main, _ = class_balanced_split(reserve.y, 0.2, torch.Generator().manual_seed(0))
+    main, _ = class_balanced_split(reserve.y, 0.2, make_ctx(model, trainer, reserve).rng("holdout"))  # the defense's split
     with torch.no_grad():
         x = reserve.x[main].float() / 255
         act = model.body[:2](model.normalize(x)).mean(dim=(0, 2, 3))
-    assert set(out.info["pruned_channels"]) == set(torch.argsort(act)[:12].tolist())
+    # (recomputed here in another memory format and batch split: channels whose activations differ by
+    # less than the float noise could swap places at the 12th rank)
+    pruned = torch.tensor(out.info["pruned_channels"])
+    kept = torch.tensor([c for c in range(64) if c not in set(pruned.tolist())])
+    tol = 1e-4 * float(act.abs().max())
+    assert float(act[pruned].max()) <= float(act[kept].min()) + tol
+    assert len(set(pruned.tolist()) ^ set(torch.argsort(act)[:12].tolist())) <= 2  # at most one swap
     assert trainer.predict(out.model, ds.test.x).shape == (len(ds.test),)
 
 

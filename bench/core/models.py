@@ -7,8 +7,14 @@ interface, which :func:`build_model` checks for every model it builds:
 
 * ``model.features(x)``: penultimate features (the head's input), ``B x feature_dim``;
 * ``model.feature_map(x)``: the last stage's output before pooling;
+* ``model.pool(fmap)``: the feature map to the features (global average pooling by default);
 * ``model.last_block``: the last stage (FinePruning masks its channels);
 * ``model.body``: all stages in order (NONE and CLP walk their convolutions).
+
+A model may also have ``init_from_data(x)``, which the trainer calls once, before the first
+training step, with the float images it is about to train on (the fast network's whitening stem
+is computed this way, see :mod:`bench.core.fastnet`), and ``data_initialized`` saying whether that
+has happened (a buffer, so a loaded checkpoint keeps it).
 
 A new architecture is a builder ``fn(in_channels, num_classes, mean, std, image_size)`` returning
 a :class:`Classifier` (``body`` holding its stages), registered with ``@register_model("key")``
@@ -57,8 +63,12 @@ class Classifier(nn.Module):
     def feature_map(self, x):
         return self.body(self.normalize(x))
 
+    def pool(self, fmap):
+        """The feature map to the head's input: global average pooling (a subclass may differ)."""
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+
     def features(self, x):
-        return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
+        return self.pool(self.feature_map(x))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -222,7 +232,8 @@ def interface_problems(model: nn.Module) -> list[str]:
     """What ``model`` lacks of the interface defenses rely on (see the module docstring): an empty
     list for a conforming model."""
     problems = []
-    for name in ("normalize", "body", "head", "features", "feature_map", "last_block", "num_classes", "feature_dim"):
+    for name in ("normalize", "body", "head", "features", "feature_map", "pool", "last_block", "num_classes",
+                 "feature_dim"):
         if not hasattr(model, name):
             problems.append(f"no attribute '{name}'")
     if hasattr(model, "body") and not (isinstance(model.body, nn.Sequential) and len(model.body) > 0):

@@ -221,7 +221,7 @@ EVALUATIONS = Registry("evaluation", ("evaluations",), _subclass_of("bench.core.
                        allowed_extra="'module:Class'")
 DATASETS = Registry("dataset", ("bench.core.data",), _dataset_check, resolve=_dataset_file,
                     allowed_extra="'module:Name' or a path to an .npz file")
-MODELS = Registry("model", ("bench.core.models",), _model_check)
+MODELS = Registry("model", ("bench.core.models", "bench.core.fastnet"), _model_check)
 REGISTRIES = {r.kind: r for r in (ATTACKS, DEFENSES, EVALUATIONS, DATASETS, MODELS)}
 
 register_attack = ATTACKS.register

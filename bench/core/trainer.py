@@ -14,16 +14,20 @@ need is an argument rather than a copy of this loop:
 
 Lower-level pieces (:meth:`Trainer.load_batch`, :meth:`Trainer.optimizer`, :meth:`Trainer.step`)
 serve defenses with their own loop (e.g. AdvrBD pairs a learn batch with an unlearn batch).
-On CUDA the loop runs under bf16 autocast with channels_last; both are switches.
+Precision is chosen per device (:func:`resolve_precision`): bf16 autocast on CUDA and on CPUs
+with native bf16 arithmetic (AMX or AVX512-BF16), fp32 elsewhere, where bf16 autocast is much
+slower than fp32.  channels_last is on by default (measured faster for convolutions on both).
 
 Work is counted in samples through forward+backward (``train_samples``) and forward only
 (``eval_samples``), from which the runner reports training epoch-equivalents.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import platform
 import time
 import typing
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageSet
-from .registry import check_choices
+from .registry import ConfigError, Range, check_choices
 
 log = logging.getLogger("bench.train")
 
@@ -98,7 +102,59 @@ class Checkpoint:
 
 
 #: the learning-rate schedules of :class:`Recipe` (and of defenses' own phases)
-Schedule = typing.Literal["onecycle", "cosine", "step", "constant"]
+Schedule = typing.Literal["onecycle", "linear", "cosine", "step", "constant"]
+#: how every training and forward pass of a cell computes; "auto" decides per device
+Precision = typing.Literal["auto", "fp32", "bf16"]
+
+#: CPU feature flags (``/proc/cpuinfo``) that mean native bf16 arithmetic
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: environment variable that overrides the detection: "1" (this CPU has native bf16) or "0" (it has
+#: not), e.g. in a VM whose ``/proc/cpuinfo`` hides the flags, or to make "auto" mean fp32 everywhere
+CPU_BF16_ENV = "BENCH_CPU_BF16"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16): ``$BENCH_CPU_BF16`` when set,
+    else read from ``/proc/cpuinfo``.  Elsewhere (no such flags, or not Linux) False: bf16
+    autocast is then emulated and runs far slower than fp32."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"${CPU_BF16_ENV}: {forced!r} is not one of 0, 1")
+    return _cpuinfo_native_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_native_bf16() -> bool:
+    if platform.system() != "Linux":
+        return False
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device) -> tuple[str, str]:
+    """``(dtype, why)``: "fp32" or "bf16" for ``precision`` ("auto" | "fp32" | "bf16") on ``device``."""
+    kind = torch.device(device).type
+    if precision not in typing.get_args(Precision):
+        raise ConfigError(f"precision: {precision!r} is not one of {', '.join(typing.get_args(Precision))}")
+    if precision != "auto":
+        return precision, "asked for"
+    if kind == "cuda":
+        return "bf16", "auto: CUDA"
+    if kind == "cpu":
+        said = f"${CPU_BF16_ENV}" if os.environ.get(CPU_BF16_ENV, "").strip() else "/".join(NATIVE_BF16_FLAGS)
+        if cpu_native_bf16():
+            return "bf16", f"auto: this CPU has native bf16 ({said})"
+        return "fp32", f"auto: this CPU has no native bf16 ({said}), where bf16 autocast is slower than fp32"
+    return "fp32", f"auto: {kind}"
 
 
 @dataclass(frozen=True)
@@ -124,15 +180,61 @@ class Recipe:
     #: random horizontal flips.  ``None``: the dataset's default (off for digits, MNIST and GTSRB,
     #: whose classes are not mirror-symmetric; used directly, on)
     flip: bool | None = None
+    #: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere) | "fp32" | "bf16";
+    #: the matrix runner keys results by the dtype it resolves to (see :func:`resolve_precision`)
+    precision: Precision = "auto"
+    #: for "onecycle" and "linear": the lr at the first step, as a fraction of ``lr``
+    warmup_from: float = 1 / 25
+    #: for "linear": the lr at the last step, as a fraction of ``lr``
+    lr_end: float = field(default=0.0, metadata={"range": Range(0, 1)})
+    #: lr multiplier of BatchNorm biases; their weight decay is divided by it, so that the decay
+    #: per step stays ``lr * weight_decay`` (airbench's decoupling); 1 = one group for all parameters
+    bn_bias_lr_scale: float = field(default=1.0, metadata={"range": Range(0, low_open=True)})
+    #: label smoothing of the cross-entropy; 0 (off) by default: ABL, DBR and AdvrBD read
+    #: per-sample losses and confidences, which smoothing changes
+    label_smoothing: float = field(default=0.0, metadata={"range": Range(0, 1, high_open=True)})
+    #: padding of the random crop: "zeros" | "reflect"
+    pad_mode: typing.Literal["zeros", "reflect"] = "zeros"
+    #: "random" (each image flipped with p = 1/2 every epoch) | "alternate" (each image flipped in
+    #: every other epoch, starting from a random side: airbench's scheme, more views in few epochs)
+    flip_mode: typing.Literal["random", "alternate"] = "random"
+    #: lookahead: every ``lookahead_every`` steps the weights move to an exponential moving average
+    #: of themselves, with decay ``0.95**lookahead_every * progress**3`` (airbench's); at the end
+    #: the average is the model
+    lookahead: bool = False
+    lookahead_every: int = field(default=5, metadata={"range": Range(1)})
+    #: epochs in which a model's whitening-stem bias trains (``model.stem_bias()``), after which it is
+    #: frozen; ``None``: all epochs.  Models without a stem ignore it
+    whiten_bias_epochs: int | None = None
 
     SCHEDULES = typing.get_args(Schedule)
+    #: fields added after results were first keyed, with the value that reproduces the earlier
+    #: behaviour: :meth:`ident` leaves a field out of the cache key at that value, so adding the field
+    #: did not invalidate stored results
+    LATER_FIELDS: typing.ClassVar[dict] = {
+        "precision": "fp32", "warmup_from": 1 / 25, "lr_end": 0.0, "bn_bias_lr_scale": 1.0,
+        "label_smoothing": 0.0, "pad_mode": "zeros", "flip_mode": "random", "lookahead": False,
+        "lookahead_every": 5, "whiten_bias_epochs": None}
 
     def __post_init__(self):
         check_choices(self, "recipe.")
         object.__setattr__(self, "milestones", tuple(self.milestones))
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Recipe":
+        """The recipe of a named preset (:data:`RECIPE_PRESETS`) with ``overrides`` on top."""
+        if name not in RECIPE_PRESETS:
+            raise ConfigError(f"recipe.preset: {name!r} is not one of {', '.join(RECIPE_PRESETS)}")
+        return cls(**{**RECIPE_PRESETS[name], **overrides})
+
     def with_(self, **kw) -> "Recipe":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def ident(self) -> dict:
+        """The recipe as it enters cache keys: every field, less those of :data:`LATER_FIELDS` that
+        hold their earlier value."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
 
     def filled(self, **defaults) -> "Recipe":
         """The recipe with each field that is ``None`` here taken from ``defaults``."""
@@ -142,18 +244,41 @@ class Recipe:
         return asdict(self)
 
 
+#: Named recipes (``recipe: {preset: fast}`` in a matrix; fields given beside it override it).
+#:
+#: ``fast``: airbench94's training (Jordan 2024) in this trainer's terms, for :mod:`~bench.core.fastnet`.
+#: The reference states lr and weight decay per 1,024 examples of a summed loss with momentum
+#: 0.85 (lr 11.5, decay 0.0153); with a mean loss over a batch of 1,024 that is lr 11.5 / (1 + 1 /
+#: (1 - 0.85)) = 1.5 and weight decay 0.0153 / 11.5 = 1.33e-3 (decay per step ``lr * weight_decay``
+#: = 2.0e-3 as in the reference).  Nesterov, BN biases at 64x the lr, warm-up from 0.2 x lr over
+#: 23 % of the steps then linear decay to 0.07 x lr, lookahead every 5 steps, the whitening bias
+#: trained for 3 epochs, flip alternating per epoch (where the dataset flips at all), 2-px
+#: reflect-padded translation.  10 epochs
+#: (the reference's 9.9, rounded up to whole epochs).  Not taken: label smoothing 0.2 (loss-based
+#: defenses read losses) and test-time augmentation (a defense against static triggers).
+RECIPE_PRESETS: dict[str, dict] = {
+    "fast": dict(epochs=10, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=0.0153 / 11.5, nesterov=True,
+                 schedule="linear", warmup=0.23, warmup_from=0.2, lr_end=0.07, bn_bias_lr_scale=64.0,
+                 label_smoothing=0.0, crop_padding=2, pad_mode="reflect", flip_mode="alternate",
+                 lookahead=True, lookahead_every=5, whiten_bias_epochs=3),
+}
+
+
 def default_crop_padding(size: int) -> int:
     """Crop padding scaled with the image: an eighth of the side (4 px at 32 px, 8 at 64, 28 at 224),
     the 4-px-at-32 convention of the CIFAR literature carried to other sizes."""
     return max(1, size // 8)
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Batched random crop with zero padding: each image is shifted by up to ``padding`` px."""
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str = "zeros") -> torch.Tensor:
+    """Batched random crop with zero (or reflect) padding: each image is shifted by up to ``padding`` px."""
     if padding <= 0:
         return x
     b, c, h, w = x.shape
-    xp = F.pad(x, (padding, padding, padding, padding))
+    if mode == "reflect":  # reflect padding is not implemented for integer tensors: pad as float, exactly
+        xp = F.pad(x.float(), (padding,) * 4, mode="reflect").to(x.dtype)
+    else:
+        xp = F.pad(x, (padding, padding, padding, padding))
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
@@ -161,9 +286,38 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return xp.gather(2, rows).gather(3, cols)
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+def random_flip(x: torch.Tensor, gen: torch.Generator, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image mirrored with p = 1/2, or where the boolean ``flip`` says."""
+    if flip is None:
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+class Lookahead:
+    """airbench's lookahead: every ``every`` steps the weights become an exponential moving average
+    of themselves with decay ``0.95**every * (step / total)**3`` (close to 0 early, so the average
+    follows the weights, about 0.77 at the end); after the last step the average is the model."""
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int):
+        self.every, self.total = every, max(1, total_steps)
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, final: bool = False) -> None:
+        if not final and step % self.every:
+            return
+        decay = 1.0 if final else 0.95 ** self.every * (min(step, self.total) / self.total) ** 3
+        state = model.state_dict()
+        for k, avg in self.ema.items():
+            avg.lerp_(state[k], 1 - decay)
+            state[k].copy_(avg)
+
+    def state_dict(self) -> dict:
+        return self.ema
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.ema[k].copy_(v)
 
 
 @dataclass
@@ -174,7 +328,8 @@ class Trainer:
     recipe: Recipe = field(default_factory=Recipe)
     #: channels_last memory format; None = on for CUDA and CPU (measured faster for convs on both)
     channels_last: bool | None = None
-    #: bf16 autocast; None = on for CUDA only
+    #: bf16 autocast; None = as the recipe's ``precision`` resolves on this device
+    #: (:func:`resolve_precision`: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere)
     bf16: bool | None = None
     #: wrap models with torch.compile (CUDA mostly; off by default)
     compile: bool = False
@@ -187,8 +342,10 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if self.channels_last is None:
             self.channels_last = True
+        self.precision_reason = "asked for"
         if self.bf16 is None:
-            self.bf16 = cuda
+            dtype, self.precision_reason = resolve_precision(self.recipe.precision, self.device)
+            self.bf16 = dtype == "bf16"
         self._device_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- placement ---------------------------------------------------------------------------
@@ -223,8 +380,10 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------
     def load_batch(self, data: ImageSet, idx: torch.Tensor, gen: torch.Generator, augment: bool = True,
-                   extra_augment: Callable | None = None, recipe: Recipe | None = None):
-        """Gather a batch by index and augment it on the device: returns float x in [0,1], labels."""
+                   extra_augment: Callable | None = None, recipe: Recipe | None = None,
+                   flip: torch.Tensor | None = None):
+        """Gather a batch by index and augment it on the device: returns float x in [0,1], labels.
+        ``flip``: which images to mirror (a boolean per image; default: drawn with p = 1/2)."""
         r = recipe or self.recipe
         xs, ys = self.on_device(data.x), self.on_device(data.y)
         idx = idx.to(self.device)
@@ -233,24 +392,45 @@ class Trainer:
             x = (extra_augment(x.float().div(255), gen).clamp(0, 1) * 255).round().to(torch.uint8)
         if augment:
             pad = r.crop_padding if r.crop_padding is not None else default_crop_padding(x.shape[-1])
-            x = random_crop(x, pad, gen)
+            x = random_crop(x, pad, gen, r.pad_mode)
             if r.flip is None or r.flip:
-                x = random_flip(x, gen)
+                x = random_flip(x, gen, flip)
         return self.to_float(x), y
 
     def optimizer(self, model: nn.Module, recipe: Recipe | None = None, lr: float | None = None):
+        """SGD over the parameters that require gradients.  With ``recipe.bn_bias_lr_scale`` != 1, the
+        BatchNorm biases form a second group at that multiple of the lr and the weight decay divided
+        by it (each group remembers its ``lr_scale``, which :meth:`fit` keeps when it sets the lr)."""
         r = recipe or self.recipe
-        return torch.optim.SGD(model.parameters(), lr=lr if lr is not None else r.lr, momentum=r.momentum,
-                               weight_decay=r.weight_decay, nesterov=r.nesterov and r.momentum > 0)
+        lr = lr if lr is not None else r.lr
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": params, "lr_scale": 1.0}]
+        if r.bn_bias_lr_scale != 1:
+            bn = {id(m.bias) for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+            groups = [{"params": [p for p in params if id(p) in bn], "lr_scale": r.bn_bias_lr_scale,
+                       "weight_decay": r.weight_decay / r.bn_bias_lr_scale},
+                      {"params": [p for p in params if id(p) not in bn], "lr_scale": 1.0}]
+        groups = [g for g in groups if g["params"]] or groups[-1:]
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+        return torch.optim.SGD(groups, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                               nesterov=r.nesterov and r.momentum > 0)
 
     @staticmethod
     def scheduler(opt, recipe: Recipe, steps_per_epoch: int):
         total = max(1, recipe.epochs * steps_per_epoch)
-        if recipe.schedule == "onecycle":  # linear warm-up from lr/25, then cosine to zero
-            warm = max(1, int(recipe.warmup * total))
+        warm = max(1, int(recipe.warmup * total))
+        w0 = recipe.warmup_from
+        if recipe.schedule == "onecycle":  # linear warm-up from warmup_from x lr, then cosine to zero
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (
-                1 / 25 + (1 - 1 / 25) * s / warm if s < warm
+                w0 + (1 - w0) * s / warm if s < warm
                 else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))))
+        if recipe.schedule == "linear":  # linear warm-up, then linear decay to lr_end x lr
+            end = recipe.lr_end
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (
+                w0 + (1 - w0) * s / warm if s < warm
+                else 1 + (end - 1) * min(1.0, (s - warm) / max(1, total - warm))))
         if recipe.schedule == "cosine":
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         if recipe.schedule == "step":
@@ -265,15 +445,17 @@ class Trainer:
         opt.step()
         self.train_samples += n
 
-    def loss(self, model, x, y, idx, weights=None, loss_fn=None, hits: list | None = None) -> torch.Tensor:
-        """Mean over the batch of ``weight * per-sample loss`` (plain CE by default).  ``hits``: with
-        plain CE, receives the batch's count of correct predictions (a device tensor, no sync)."""
+    def loss(self, model, x, y, idx, weights=None, loss_fn=None, hits: list | None = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean over the batch of ``weight * per-sample loss`` (plain CE by default, with
+        ``label_smoothing``).  ``hits``: with plain CE, receives the batch's count of correct
+        predictions (a device tensor, no sync)."""
         with self.autocast():
             if loss_fn is not None:
                 per = loss_fn(model, x, y, idx)
             else:
                 logits = model(x).float()
-                per = F.cross_entropy(logits, y, reduction="none")
+                per = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
                 if hits is not None:
                     hits.append((logits.detach().argmax(1) == y).sum())
         if per.dim() == 0:
@@ -301,6 +483,10 @@ class Trainer:
         on the training batches, the epoch's first lr, seconds) under this name at INFO; the console
         shows it when epochs take :data:`PROGRESS_EPOCH_S` or more.  ``history``: a list
         that receives those per-epoch records; ``on_record``: called with each as it is made.
+
+        A model with ``init_from_data`` that is not yet ``data_initialized`` (the fast network's
+        whitening stem) is first initialised from up to ``model.init_samples`` of the images it is
+        about to train on (a seeded draw, un-augmented).
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
@@ -309,14 +495,20 @@ class Trainer:
         w_all = None if weights is None else self.on_device(torch.as_tensor(weights, dtype=torch.float32))
         if len(pool) == 0 or r.epochs <= 0:
             return model
+        self.init_from_data(model, data, pool, seed)
         steps = math.ceil(len(pool) / r.batch_size)
         opt = optimizer if optimizer is not None else self.optimizer(model, r)
         sched = None
         if lr_at_epoch is None:
             if optimizer is not None:  # the schedule scales from this call's lr, not a stale one
                 for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] = r.lr
+                    g["lr"] = g["initial_lr"] = r.lr * g.get("lr_scale", 1.0)
             sched = self.scheduler(opt, r, steps)
+        # alternate flipping: each sample's first side, drawn before any checkpoint is read (a
+        # resumed training draws the same sides)
+        first_side = torch.rand(len(data), generator=gen) < 0.5 if r.flip_mode == "alternate" else None
+        stem_bias = model.stem_bias() if hasattr(model, "stem_bias") else []
+        lookahead = Lookahead(model, r.lookahead_every, r.epochs * steps) if r.lookahead else None
         start = 0
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:
@@ -325,6 +517,8 @@ class Trainer:
             if sched is not None:
                 sched.load_state_dict(saved["scheduler"])
             gen.set_state(saved["generator"])
+            if lookahead is not None and saved.get("lookahead") is not None:
+                lookahead.load_state_dict(saved["lookahead"])
             start, self.train_samples = saved["epoch"] + 1, self.train_samples + saved["train_samples"]
             if history is not None:
                 history.extend(saved.get("history", []))
@@ -334,10 +528,12 @@ class Trainer:
         samples_before = self.train_samples - (saved["train_samples"] if saved else 0)
         for epoch in range(start, r.epochs):
             t0, loss_sum, seen, hits = time.monotonic(), torch.zeros((), device=self.device), 0, []
-            lr_now = opt.param_groups[0]["lr"]
+            lr_now = opt.param_groups[-1]["lr"]
             if lr_at_epoch is not None:
                 for g in opt.param_groups:
-                    g["lr"] = float(lr_at_epoch(epoch))
+                    g["lr"] = float(lr_at_epoch(epoch)) * g.get("lr_scale", 1.0)
+            for p in stem_bias:
+                p.requires_grad_(r.whiten_bias_epochs is None or epoch < r.whiten_bias_epochs)
             model.train()
             if freeze_bn:
                 for m in model.modules():
@@ -346,12 +542,15 @@ class Trainer:
             order = pool[torch.randperm(len(pool), generator=gen)]
             for b in range(steps):
                 idx = order[b * r.batch_size:(b + 1) * r.batch_size]
-                x, y = self.load_batch(data, idx, gen, augment, extra_augment, r)
+                flip = {} if first_side is None else {"flip": first_side[idx] ^ bool(epoch % 2)}
+                x, y = self.load_batch(data, idx, gen, augment, extra_augment, r, **flip)
                 w = None if w_all is None else w_all[idx.to(self.device)]
                 if b == 0:
-                    lr_now = opt.param_groups[0]["lr"]
-                loss = self.loss(model, x, y, idx, w, loss_fn, hits)
+                    lr_now = opt.param_groups[-1]["lr"]
+                loss = self.loss(model, x, y, idx, w, loss_fn, hits, r.label_smoothing)
                 self.step(model, opt, loss, len(idx))
+                if lookahead is not None:
+                    lookahead.update(model, epoch * steps + b + 1)
                 loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step
                 seen += len(idx)
                 if sched is not None:
@@ -376,11 +575,28 @@ class Trainer:
                 checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict() if sched is not None else None,
                                  "generator": gen.get_state(), "epoch": epoch,
+                                 "lookahead": lookahead.state_dict() if lookahead is not None else None,
                                  "train_samples": self.train_samples - samples_before, "history": records})
+        if lookahead is not None:
+            lookahead.update(model, r.epochs * steps, final=True)
+        for p in stem_bias:  # frozen only within this training
+            p.requires_grad_(True)
         if checkpoint is not None:
             checkpoint.clear()
         model.eval()
         return model
+
+    @torch.no_grad()
+    def init_from_data(self, model: nn.Module, data: ImageSet, pool: torch.Tensor, seed: int) -> None:
+        """Call ``model.init_from_data`` (when it has one and has not been initialised) with up to
+        ``model.init_samples`` un-augmented images of ``data[pool]``, a draw seeded by ``seed``."""
+        init = getattr(model, "init_from_data", None)
+        done = getattr(model, "data_initialized", None)
+        if init is None or (done is not None and bool(done)):
+            return
+        n = min(len(pool), int(getattr(model, "init_samples", len(pool))))
+        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+        init(self.to_float(data.x[pick]))
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
