@@ -87,10 +87,10 @@ def cmd_run(args) -> int:
             slots = parse_devices(args.devices or args.device, args.jobs_per_device)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if args.threads < 0:
-        raise ConfigError(f"--threads: {args.threads} is out of range; allowed: >= 1, or 0 for the CPU's cores "
-                          f"divided among workers")
-    threads, why = args.threads, "--threads"
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: {args.threads} is out of range; allowed: >= 1 (leave it out for the CPU's "
+                          f"cores divided among workers)")
+    threads, why = args.threads or 0, "--threads"
     if not threads and os.environ.get("BENCH_THREADS"):
         try:
             threads, why = int(os.environ["BENCH_THREADS"]), "$BENCH_THREADS"
@@ -120,6 +120,12 @@ def cmd_run(args) -> int:
     if part is not None:
         cells = shard(cells, *part)
         print(f"shard {part[0]} of {part[1]}: {len(cells)} cells", file=sys.stderr)
+    if args.recompute_mismatched:
+        from .schedule import drop_mismatched
+
+        results, models = drop_mismatched(cells, runner, slots[0].threads)
+        print(f"--recompute-mismatched: {results} finished cell(s) and {models} backdoored model(s) computed with "
+              f"other numerics than this run's will be recomputed", file=sys.stderr)
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
         print(dry_run_text(p, runner))
@@ -145,12 +151,18 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         execute,
         numerics_conflict,
         preflight,
+        remove_if_empty,
     )
 
-    # everything that can fail before training fails here, with one line
-    check_writable(runner.store.root, "--output")
-    check_writable(_report_dir(args, matrix), "--report-dir")
-    preflight(p.todo, runner)
+    # everything that can fail before training fails here, with one line (and no folder left behind)
+    created = []
+    try:
+        created += check_writable(runner.store.root, "--output")
+        created += check_writable(_report_dir(args, matrix), "--report-dir")
+        preflight(p.todo, runner)
+    except BaseException:
+        remove_if_empty(created)
+        raise
     retried = sum(1 for c in p.todo if (earlier_failure(runner, c) or {}).get("cause") == "environment")
     if retried:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
@@ -177,7 +189,7 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
     elsewhere = sum(o.status == "elsewhere" for o in outcomes)
     counts = f"{done} computed, " + (f"{elsewhere} computed by another process, " if elsewhere else "") + \
         f"{cached} cached, {len(failed)} failed"
-    conflict = numerics_conflict(matrix.cells, runner)
+    conflict = numerics_conflict(matrix.cells, runner, "python -m bench " + shlex.join(args.argv))
     if conflict and not args.allow_mixed_numerics:
         print(f"{counts}; no report: {conflict}", file=sys.stderr)
         return 2
@@ -198,7 +210,11 @@ def cmd_report(args) -> int:
     from .schedule import numerics_conflict
 
     matrix, runner = _setup(args)
-    conflict = numerics_conflict(matrix.cells, runner)
+    if not any(runner.cached_result(c) is not None for c in matrix.cells):
+        raise ConfigError(f"report: no cell of matrix '{matrix.name}' has finished in {runner.store.root}; run it "
+                          f"first (python -m bench run {args.matrix or DEFAULT_MATRIX}), or give the store it ran "
+                          f"into with --output")
+    conflict = numerics_conflict(matrix.cells, runner, "python -m bench " + shlex.join(["run", *args.argv[1:]]))
     if conflict and not args.allow_mixed_numerics:
         raise ConfigError(f"report: {conflict}")
     if conflict:
@@ -294,9 +310,19 @@ def cmd_export(args) -> int:
                           f"label exactly (e.g. {names}); `bench models` lists them")
     cell, bd, df = hits[0]
     folder = bd if args.backdoored else df
+    matrix_arg = args.matrix or DEFAULT_MATRIX
+    out_arg = f" --output {shlex.quote(args.output)}" if args.output else ""
+    if folder is None and args.backdoored:
+        raise ConfigError(f"export: no backdoored model for {cell.label} in {runner.store.root}; train it with: "
+                          f"python -m bench run {matrix_arg}{out_arg} {_only_flags(cell)}")
     if folder is None:
-        what = "backdoored model" if args.backdoored else "defended model (run the matrix with --save-models)"
-        raise ConfigError(f"export: no {what} for {cell.label}")
+        hint = ""
+        if cell.defense.is_baseline:
+            hint = (f"; the baseline's model is the backdoored model, which exports with: python -m bench "
+                    f"export {matrix_arg}{out_arg} {shlex.quote(cell.label)} {shlex.quote(args.path)} --backdoored")
+        raise ConfigError(f"export: no defended model for {cell.label} in {runner.store.root}; save it with: "
+                          f"python -m bench run {matrix_arg}{out_arg} --save-models {_only_flags(cell)} (the cell is "
+                          f"recomputed to save its model){hint}")
     weights = folder / "weights.safetensors"
     if sha256_file(weights) != (Store.load_json(folder / "meta.json") or {}).get("sha256"):
         raise ConfigError(f"export: {weights} does not match its checksum; rerun the cell")
@@ -310,6 +336,18 @@ def cmd_export(args) -> int:
     print(f"written: {dest} ({'backdoored' if args.backdoored else 'defended'} model of {cell.label}, "
           f"architecture {cell.model})", file=sys.stderr)
     return 0
+
+
+def _only_flags(cell) -> str:
+    """``--only`` flags that select ``cell`` (and the few cells that share its components and seed)."""
+    from .core.registry import label
+
+    def name(component):  # a label with a comma would read as two values
+        return label(component) if "," not in label(component) else component.key
+
+    return " ".join(f"--only {shlex.quote(f'{k}={v}')}" for k, v in (
+        ("dataset", cell.dataset.name), ("model", cell.model), ("attack", name(cell.attack)),
+        ("defense", name(cell.defense)), ("seed", cell.seed)))
 
 
 def cmd_show(args) -> int:
@@ -378,7 +416,7 @@ def main(argv=None) -> int:
                              "for bit)")
         sp.add_argument("--set", action="append", metavar="PATH=VALUE",
                         help="override a matrix field, validated as the YAML is: --set recipe.epochs=5 "
-                             "--set defenses[1].lr=0.01 --set 'attacks=[badnet, blend]' (VALUE is YAML)")
+                             "--set defenses[4].lr=0.005 --set 'attacks=[badnet, blend]' (VALUE is YAML)")
 
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)
@@ -397,7 +435,7 @@ def main(argv=None) -> int:
     r.add_argument("--cells-per-job", type=int, default=16,
                    help="at most this many cells per job; each backdoored model trains in a job of its own "
                         "(default 16)")
-    r.add_argument("--threads", type=int, default=0,
+    r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per worker (default: $BENCH_THREADS, else the CPU's cores divided "
                         "among workers)")
     r.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
@@ -411,6 +449,9 @@ def main(argv=None) -> int:
     r.add_argument("--only", action="append", metavar="KEY=V[,V]",
                    help="run only matching cells, e.g. --only attack=badnet --only defense=abl,clp")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run")
+    r.add_argument("--recompute-mismatched", action="store_true",
+                   help="recompute the finished cells (and backdoored models) whose numerics (device, dtype, "
+                        "threads, torch version) differ from this run's, so that one table holds one kind")
     r.add_argument("--shard", metavar="I/N",
                    help="run shard I (0-based) of N: poisoned sets dealt round-robin, each with its cells "
                         "(default: a SLURM job array's task, from SLURM_ARRAY_TASK_ID/_COUNT)")
@@ -462,6 +503,10 @@ def main(argv=None) -> int:
     logging.getLogger("bench").setLevel(logging.INFO)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # e.g. `bench list | head -1`: the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ Any bad value raises :class:`~bench.core.registry.ConfigError` whose message nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -109,6 +110,26 @@ class DatasetSpec:
         return self.display + (f"[{self.train_limit}]" if self.train_limit else "")
 
 
+#: the top-level packages of this project: their components are versioned by ``version`` and
+#: ``bench/versions.json`` (checked by a test), so their code stays out of the cache keys
+OWN_PACKAGES = ("bench", "attacks", "defenses", "advrbd", "evaluations")
+
+
+@functools.lru_cache(maxsize=None)
+def user_code(obj) -> str | None:
+    """For a component from outside this project (``module:Class``, an entry point, a model
+    builder of your own): a hash of its code, the syntax tree of its module and of the modules of
+    its own package it imports, without docstrings.  It enters the cache keys, so editing your
+    component recomputes its results without a ``version`` bump.  None for our own components."""
+    from .versions import code_hash, source_files
+
+    module = getattr(obj, "__module__", None) or ""
+    if module.split(".")[0] in OWN_PACKAGES or module in ("", "__main__"):
+        return None
+    files = source_files(obj)
+    return code_hash(files) if files else None
+
+
 @dataclass(frozen=True)
 class Cell:
     dataset: DatasetSpec
@@ -137,12 +158,16 @@ class Cell:
         ident = {"harness": HARNESS_VERSION, "dataset": self.dataset.ident(), "seed": self.seed,
                  "attack": self.attack.key, "attack_version": self.attack.version,
                  "attack_params": params_of(self.attack)}
+        if user_code(type(self.attack)):  # only for components outside this project: ours keep their keys
+            ident["attack_code"] = user_code(type(self.attack))
         if self.external is not None:  # only then, so every other cell keeps its key
             ident["poison_indices"] = self.external.ident()["poison_indices"]
         return ident
 
     def backdoor_ident(self) -> dict:
         ident = {**self.poison_ident(), "model": self.model, "recipe": self.run_recipe.ident()}
+        if user_code(MODELS.get(self.model)):
+            ident["model_code"] = user_code(MODELS.get(self.model))
         if self.external is not None:
             ident["external_weights"] = self.external.weights_sha256
         return ident
@@ -150,6 +175,8 @@ class Cell:
     def result_ident(self) -> dict:
         ident = {**self.backdoor_ident(), "defense": self.defense.key,
                  "defense_version": self.defense.version, "defense_params": params_of(self.defense)}
+        if user_code(type(self.defense)):
+            ident["defense_code"] = user_code(type(self.defense))
         if self.defense.needs().clean_data:
             ident["reserve_ratio"] = self.reserve_ratio
             ident["reserve_draw"] = RESERVE_DRAW

@@ -142,6 +142,10 @@ def load(source, output: str | Path | None = None) -> pd.DataFrame:
         rows, _ = collect(matrix, Runner(Store(Path(output or matrix.output))))
         return frame(rows)
     store = Store(Path(source))
+    if not (store.root / "results").is_dir():
+        raise FileNotFoundError(f"{source}: no results/ folder in it (not a run's --output folder, or no "
+                                f"cell has finished there yet); give a run's --output folder (default: runs) or a "
+                                f"matrix YAML")
     rows = []
     for path in sorted((store.root / "results").glob("*.json")):
         row, problem = store.load_result(path, path.stem)

@@ -297,15 +297,26 @@ class Runner:
             self.store.report_bad(path, problem)
         return row
 
+    def has_saved_model(self, cell: Cell) -> bool:
+        return (self.store.dir("models", digest(cell.result_ident())) / "meta.json").exists()
+
+    def finished(self, cell: Cell) -> dict | None:
+        """The cell's cached result when nothing this run asks for is missing: with ``save_models``,
+        a result without its saved model counts as unfinished (the cell is recomputed to save it)."""
+        row = self.cached_result(cell)
+        if row is not None and self.save_models and not self.has_saved_model(cell):
+            return None
+        return row
+
     def run_cell(self, cell: Cell, wait: bool = True) -> dict:
         """The cell's result, computed here unless the store has it (``self.computed`` says which).
         With ``wait=False``, :class:`~bench.store.Held` when another process is computing it."""
         self.computed = False
-        cached = self.cached_result(cell)
+        cached = self.finished(cell)
         if cached is not None:
             return cached
         with self.store.lock("result", digest(cell.result_ident()), wait=wait):
-            cached = self.cached_result(cell)  # another process may have finished it meanwhile
+            cached = self.finished(cell)  # another process may have finished it meanwhile
             if cached is not None:
                 return cached
             row = self._run_cell(cell)

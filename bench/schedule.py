@@ -23,6 +23,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import sys
 import time
@@ -118,7 +119,9 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
         if not slash or not i_text.isdigit() or not n_text.isdigit():
             raise ConfigError(f"--shard: '{text}' is not I/N (e.g. 0/4: the first of four shards)")
         i, n, where = int(i_text), int(n_text), "--shard"
-    if n < 1 or not 0 <= i < n:
+    if n < 1:
+        raise ConfigError(f"--shard: {n} shards is out of range; allowed: N >= 1 ({where})")
+    if not 0 <= i < n:
         raise ConfigError(f"--shard: shard {i} of {n} is out of range; allowed: 0..{n - 1} ({where})")
     return i, n
 
@@ -187,7 +190,7 @@ def earlier_failure(runner, cell: Cell) -> dict | None:
 def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
     p = Plan(list(cells))
     for c in cells:
-        if runner.cached_result(c) is not None:
+        if runner.finished(c) is not None:
             p.cached.append(c)
             continue
         rec = None if retry_failed else earlier_failure(runner, c)
@@ -206,11 +209,13 @@ def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
 NUMERICS_FIELDS = ("device", "dtype", "threads", "torch")
 
 
-def numerics_conflict(cells: list[Cell], runner) -> str | None:
+def numerics_conflict(cells: list[Cell], runner, command: str | None = None) -> str | None:
     """One line naming how the finished results of one table (a dataset and model) differ in numerics
-    (device, dtype, threads, torch version; the backdoored model's count too), else None.  Results
-    written before numerics were recorded cannot be compared and are left out."""
-    tables: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+    (device, dtype, threads, torch version; the backdoored model's count too), the cells on the
+    smaller side, and the command that resolves it, else None.  ``command``: the ``bench run``
+    command line to build that advice on.  Results written before numerics were recorded cannot
+    be compared and are left out."""
+    tables: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         r = runner.cached_result(c)
         if r is None:
@@ -218,17 +223,80 @@ def numerics_conflict(cells: list[Cell], runner) -> str | None:
         used = {tuple(str(n.get(k)) for k in NUMERICS_FIELDS)
                 for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")) if isinstance(n, dict)}
         for kind in used:  # a cell whose backdoored model was computed differently counts on both sides
-            tables[(c.dataset.label, c.model)][kind] += 1
+            tables[(c.dataset.label, c.model)][kind].append(c.label)
     for (dataset, model), kinds in tables.items():
         if len(kinds) < 2:
             continue
         differ = [i for i, k in enumerate(NUMERICS_FIELDS) if len({v[i] for v in kinds}) > 1]
-        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({n} cell{'s' * (n > 1)})"
-                 for v, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        ranked = sorted(kinds.items(), key=lambda kv: -len(kv[1]))
+        parts = [", ".join(f"{NUMERICS_FIELDS[i]} {v[i]}" for i in differ) + f" ({len(n)} cell{'s' * (len(n) > 1)})"
+                 for v, n in ranked]
+        majority, minority = ranked[0][0], [label for _, labels in ranked[1:] for label in labels]
+        shown = ", ".join(minority[:3]) + (f" and {len(minority) - 3} more" if len(minority) > 3 else "")
+        flags = []
+        field = dict(zip(NUMERICS_FIELDS, majority))
+        if "threads" in {NUMERICS_FIELDS[i] for i in differ}:
+            flags.append(f"--threads {field['threads']}")
+        if "device" in {NUMERICS_FIELDS[i] for i in differ}:
+            flags.append(f"--device {field['device'].split(' ')[0]}")
+        if "dtype" in {NUMERICS_FIELDS[i] for i in differ}:
+            flags.append(f"--precision {field['dtype']}")
+        base = _without_flags(command or "python -m bench run", ("--threads", "--device", "--precision"))
+        fix = " ".join([base, *flags, "--recompute-mismatched"])
         return (f"the {dataset}/{model} table would mix numerics: " + " vs ".join(parts) +
-                "; results agree only at equal device, dtype and thread count: recompute the odd ones "
-                "(delete them, or use another --output) or pass --allow-mixed-numerics")
+                f"; results agree only at equal device, dtype and thread count. The odd ones: {shown}. Recompute "
+                f"them with the majority's numerics: {fix}  (or render anyway with --allow-mixed-numerics)")
     return None
+
+
+def _without_flags(command: str, flags: tuple[str, ...]) -> str:
+    """``command`` with each of ``flags`` and its value removed (``--flag V`` or ``--flag=V``)."""
+    words, out, skip = shlex.split(command), [], False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w in flags:
+            skip = True
+            continue
+        if any(w.startswith(f + "=") for f in flags) or w == "--recompute-mismatched":
+            continue
+        out.append(w)
+    return shlex.join(out)
+
+
+def run_numerics(cell: Cell, runner, threads: int) -> dict:
+    """The numerics a cell computed now, by this run, would record."""
+    from .runner import numerics
+
+    return {**numerics(runner.device, cell.dtype == "bf16"), "threads": threads}
+
+
+def drop_mismatched(cells: list[Cell], runner, threads: int) -> tuple[int, int]:
+    """Delete the finished results (and backdoored models) of ``cells`` whose numerics differ from
+    what this run would compute with, so that the run recomputes them: ``(results, models)``
+    deleted.  This is ``--recompute-mismatched``."""
+    import shutil
+
+    results = models = 0
+    for c in cells:
+        r = runner.cached_result(c)
+        if r is None:
+            continue
+        now = {k: str(v) for k, v in run_numerics(c, runner, threads).items()}
+        def same(n):
+            return isinstance(n, dict) and all(str(n.get(k)) == now[k] for k in NUMERICS_FIELDS)
+
+        bd = r.get("backdoor")
+        if bd is not None and not same(bd.get("numerics")):
+            folder = runner.store.dir("backdoor", digest(c.backdoor_ident()))
+            if folder.exists():
+                shutil.rmtree(folder)
+                models += 1
+        if not same(r.get("numerics")) or (bd is not None and not same(bd.get("numerics"))):
+            runner.result_path(c).unlink(missing_ok=True)
+            results += 1
+    return results, models
 
 
 # --- cost model and ETA ------------------------------------------------------------------------
@@ -379,21 +447,39 @@ def estimate_seconds(p: Plan, runner) -> tuple[float | None, int]:
 
 # --- checks before any work ------------------------------------------------------------------
 
-def check_writable(path, flag: str) -> None:
-    """``path`` can be created and written to, or one :class:`ConfigError` naming the flag."""
+def check_writable(path, flag: str) -> list:
+    """``path`` can be created and written to, or one :class:`ConfigError` naming the flag.  Returns
+    the folders it created (the outermost first), for :func:`remove_if_empty` when the run stops
+    before any work."""
     from pathlib import Path
 
     from .core.registry import ConfigError
 
     path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        remove_if_empty(missing)
         raise ConfigError(f"{flag}: cannot write to '{path}' ({e.strerror or e}); "
                           f"choose a writable folder with {flag}") from None
+    return missing
+
+
+def remove_if_empty(folders) -> None:
+    """Remove each of ``folders`` (outermost first) that holds no file, innermost first: a run that
+    stopped on bad input leaves no empty ``runs/`` or ``reports/`` behind."""
+    for folder in reversed(list(folders)):
+        try:
+            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    sub.rmdir()
+            folder.rmdir()
+        except OSError:  # not empty (or gone): keep it
+            pass
 
 
 def poison_fit(attack, y: torch.Tensor) -> str | None:

@@ -13,6 +13,7 @@ class Undefended(Defense):
     """No defense: the backdoored model as trained on the poisoned set."""
 
     display_name = "No Defense"
+    is_baseline = True
 
     def needs(self) -> Needs:
         return Needs(backdoored_model=True, training=False)

@@ -172,6 +172,8 @@ class Defense(Registered):
     version: ClassVar[int] = 1
     #: the name shown in reports (defaults to the key)
     display_name: ClassVar[str] = ""
+    #: True for the undefended baseline, whose model is the backdoored model itself
+    is_baseline: ClassVar[bool] = False
 
     #: the requirement flags of earlier versions; a class that still sets one is refused (see :meth:`needs`)
     _OLD_FLAGS: ClassVar[tuple[str, ...]] = ("needs_backdoored_model", "uses_clean_data", "trains")
