@@ -210,7 +210,7 @@ def cmd_report(args) -> int:
     from .schedule import numerics_conflict
 
     matrix, runner = _setup(args)
-    if not any(runner.cached_result(c) is not None for c in matrix.cells):
+    if not any(runner.result_path(c).exists() for c in matrix.cells):
         raise ConfigError(f"report: no cell of matrix '{matrix.name}' has finished in {runner.store.root}; run it "
                           f"first (python -m bench run {args.matrix or DEFAULT_MATRIX}), or give the store it ran "
                           f"into with --output")
@@ -319,7 +319,7 @@ def cmd_export(args) -> int:
         hint = ""
         if cell.defense.is_baseline:
             hint = (f"; the baseline's model is the backdoored model, which exports with: python -m bench "
-                    f"export {matrix_arg}{out_arg} {shlex.quote(cell.label)} {shlex.quote(args.path)} --backdoored")
+                    f"export {matrix_arg} {shlex.quote(cell.label)} {shlex.quote(args.path)}{out_arg} --backdoored")
         raise ConfigError(f"export: no defended model for {cell.label} in {runner.store.root}; save it with: "
                           f"python -m bench run {matrix_arg}{out_arg} --save-models {_only_flags(cell)} (the cell is "
                           f"recomputed to save its model){hint}")

@@ -412,7 +412,7 @@ class Runner:
         return out
 
     # --- a whole matrix ---------------------------------------------------------------------------
-    def run(self, matrix: Matrix, progress=sys.stderr, retry_failed: bool = True) -> list[CellOutcome]:
+    def run(self, matrix: Matrix, progress="stderr", retry_failed: bool = True) -> list[CellOutcome]:
         """Run every cell of ``matrix`` in this process (see :mod:`bench.schedule` for workers)."""
         from .schedule import execute, plan
 

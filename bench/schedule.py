@@ -700,13 +700,16 @@ def _backdoor_ee(runner, key: str) -> float | None:
 
 # --- execution -------------------------------------------------------------------------------
 
-def execute(p: Plan, runner, slots: list[Slot] | None, progress=sys.stderr, executor: str = "local",
+def execute(p: Plan, runner, slots: list[Slot] | None, progress="stderr", executor: str = "local",
             slurm=None):
     """Run the plan; returns one :class:`~bench.runner.CellOutcome` per cell, in matrix order.
     ``executor``: ``local`` (this process, or worker processes for several slots), ``ray``, or
-    ``slurm`` (``slurm``: a :class:`~bench.slurm_executor.SlurmOptions`)."""
+    ``slurm`` (``slurm``: a :class:`~bench.slurm_executor.SlurmOptions`). ``progress``: a text stream,
+    None for silence, or "stderr" (the current ``sys.stderr``, looked up at call time)."""
     from .runner import CellOutcome
 
+    if progress == "stderr":
+        progress = sys.stderr
     outcomes: dict[int, CellOutcome] = {}
     for c in p.cached:
         outcomes[id(c)] = CellOutcome(c, "cached", runner.cached_result(c))

@@ -115,15 +115,17 @@ def test_export_of_an_unsaved_model_says_the_command_that_saves_it(tmp_path, cap
                                             defenses=["undefended", {"name": "finetuning", "epochs": 1}])))
     common = [str(m), "--output", str(tmp_path / "runs")]
     assert _cli(["run", *common, "--report-dir", str(tmp_path / "rep"), "--threads", "1"], capsys)[0] == 0
-    code, err = _cli(["export", *common, "FineTuning", str(tmp_path / "ft.pt")], capsys)
-    assert code == 2 and "no defended model for digits/tiny_cnn/BadNet/FineTuning/seed0" in err
+    # positional arguments first: an optional matrix before two positionals cannot be split by options
+    export_ft = ["export", str(m), "FineTuning", str(tmp_path / "ft.pt"), "--output", str(tmp_path / "runs")]
+    code, err = _cli(export_ft, capsys)
+    assert code == 2 and "no defended model for digits/tiny_cnn/BadNet/FineTuning(epochs=1)/seed0" in err
     save = err.split("save it with: ")[1].split(" (the cell is recomputed")[0]
     code, err = _cli(shlex.split(save)[3:] + ["--report-dir", str(tmp_path / "rep"), "--threads", "1"], capsys)
     assert code == 0 and "1 computed" in err  # the cached cell was recomputed to save its model
-    assert _cli(["export", *common, "FineTuning", str(tmp_path / "ft.pt")], capsys)[0] == 0
+    assert _cli(export_ft, capsys)[0] == 0
     assert (tmp_path / "ft.pt").exists()
     # the baseline's defended model is the backdoored one: the message says how to export that
-    code, err = _cli(["export", *common, "No Defense", str(tmp_path / "u.pt")], capsys)
+    code, err = _cli(["export", str(m), "No Defense", str(tmp_path / "u.pt"), *common[1:]], capsys)
     assert code == 2 and err.rstrip().endswith("--backdoored")
     export = err.split("which exports with: ")[1].strip()
     assert _cli(shlex.split(export)[3:], capsys)[0] == 0 and (tmp_path / "u.pt").exists()
