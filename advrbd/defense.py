@@ -246,7 +246,7 @@ class AdvrBD(Defense):
             y_new = data.y.clone()
             y_new[flagged] = trainer.predict(f_c, data.x[flagged])
             f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=self.relearn_epochs, lr=self.relearn_lr,
-                              schedule="cosine", seed=ctx.seed_for("relearn"))
+                              schedule="cosine", seed=ctx.seed_for("relearn"), recipe=trainer.recipe.for_tuning())
             extra["relearn"] = f_r
             timings["relearn_s"] = time.time() - t0
             timings["relabel_changed"] = int((y_new[flagged] != data.y[flagged]).sum())

@@ -92,7 +92,7 @@ class EnhanceConfig:
 
 
 def _sgd(model, trainer: Trainer, lr: float, momentum: float):
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=trainer.recipe.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=trainer.recipe.for_tuning().weight_decay)
 
 
 def _batches(pool: torch.Tensor, bs: int, gen: torch.Generator, fraction: float = 1.0):
@@ -105,7 +105,7 @@ def relearn_phase(model, trainer: Trainer, data: ImageSet, d_p: torch.Tensor, cf
                   gen: torch.Generator) -> dict:
     """``cfg.relearn_passes`` passes of plain training over ``d_p`` (a fraction runs that share of
     one pass's batches)."""
-    bs = cfg.enhance_batch_size or trainer.recipe.batch_size
+    bs = cfg.enhance_batch_size or trainer.recipe.for_tuning().batch_size
     opt = _sgd(model, trainer, cfg.enhance_relearn_lr, cfg.unlearn_momentum)
     model.train()
     total = n = 0.0
@@ -135,7 +135,7 @@ def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cf
                   gen: torch.Generator, num_classes: int) -> dict:
     """Gradient ascent on ``d_c`` alone, at most ``cfg.unlearn_passes`` passes, no augmentation, with
     the divergence guard checked every ``cfg.guard_every`` steps on a random probe of D_c."""
-    bs = cfg.enhance_batch_size or trainer.recipe.batch_size
+    bs = cfg.enhance_batch_size or trainer.recipe.for_tuning().batch_size
     opt = _sgd(model, trainer, cfg.unlearn_lr, cfg.unlearn_momentum)
     floor = cfg.guard_acc if cfg.guard_acc is not None else 1.0 / num_classes
     probe = d_c[torch.randperm(len(d_c), generator=gen)[:cfg.guard_probe]]
@@ -165,7 +165,7 @@ def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cf
 def joint_epoch(model, trainer: Trainer, data: ImageSet, learn_idx: torch.Tensor, unlearn_idx: torch.Tensor,
                 cfg: EnhanceConfig, num_classes: int, gen: torch.Generator, opt=None, fraction: float = 1.0) -> dict:
     """``enhancement="joint"``: one pass (or ``fraction`` of one) of paired learn/unlearn batches."""
-    bs = cfg.enhance_batch_size or trainer.recipe.batch_size
+    bs = cfg.enhance_batch_size or trainer.recipe.for_tuning().batch_size
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
     opt = opt or _sgd(model, trainer, cfg.joint_lr, cfg.unlearn_momentum)

@@ -165,7 +165,9 @@ class Cell:
         return ident
 
     def backdoor_ident(self) -> dict:
-        ident = {**self.poison_ident(), "model": self.model, "recipe": self.run_recipe.ident()}
+        # the defense phases' settings (recipe.tuning) do not change the backdoored model: they key results only
+        recipe = {k: v for k, v in self.run_recipe.ident().items() if k != "tuning"}
+        ident = {**self.poison_ident(), "model": self.model, "recipe": recipe}
         if user_code(MODELS.get(self.model)):
             ident["model_code"] = user_code(MODELS.get(self.model))
         if self.external is not None:
@@ -175,6 +177,8 @@ class Cell:
     def result_ident(self) -> dict:
         ident = {**self.backdoor_ident(), "defense": self.defense.key,
                  "defense_version": self.defense.version, "defense_params": params_of(self.defense)}
+        if self.run_recipe.tuning:
+            ident["tuning"] = self.run_recipe.ident()["tuning"]
         if user_code(type(self.defense)):
             ident["defense_code"] = user_code(type(self.defense))
         if self.defense.needs().clean_data:
@@ -290,6 +294,16 @@ def _recipe(base: Recipe, overrides, where: str) -> Recipe:
         if k not in fields:
             raise ConfigError(f"{where}.{k}: unknown recipe field{closest(k, fields | {'preset'})}; allowed: "
                               f"{', '.join(sorted(fields | {'preset'}))}")
+    tuning = overrides.get("tuning")
+    if tuning is not None:  # a defense's own phases: recipe fields again, checked as such
+        if not isinstance(tuning, dict):
+            raise ConfigError(f"{where}.tuning: expected a mapping of recipe fields (the settings of a "
+                              f"defense's own phases), e.g. {{batch_size: 128, momentum: 0.9}}")
+        for k in tuning:
+            if k not in fields - {"tuning"}:
+                raise ConfigError(f"{where}.tuning.{k}: unknown recipe field{closest(str(k), fields)}; allowed: "
+                                  f"{', '.join(sorted(fields - {'tuning'}))}")
+        build(Recipe, {**current, **overrides, "tuning": None, **tuning}, f"{where}.tuning")
     # type-check through the same machinery as components
     return build(Recipe, {**current, **overrides}, where)
 

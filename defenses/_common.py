@@ -18,14 +18,15 @@ def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlea
                     learn_idx: torch.Tensor, epochs: int, lr: float, augment: bool = True,
                     seed: int = 0, tag: str | None = None, recipe: Recipe | None = None) -> nn.Module:
     """The D-BR repair pattern: per epoch, one pass of gradient ascent on ``unlearn_idx``, then one
-    pass of ordinary descent on ``learn_idx``, with one SGD optimizer (recipe momentum and weight
-    decay; ``recipe`` overrides the trainer's recipe for these) at a constant ``lr``.  Returns the
+    pass of ordinary descent on ``learn_idx``, with one SGD optimizer (momentum, weight decay and
+    batch size of ``recipe``, by default the trainer recipe's ``for_tuning()``) at a constant ``lr``.  Returns the
     last epoch's model (no selection)."""
     trainer = ctx.trainer
     model = trainer.prepare(model)
     gen = torch.Generator().manual_seed(seed)
+    recipe = recipe or trainer.recipe.for_tuning()
     opt = trainer.optimizer(model, recipe, lr=lr)
-    bs = trainer.recipe.batch_size
+    bs = recipe.batch_size
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
     for epoch in range(epochs):
@@ -34,7 +35,7 @@ def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlea
             order = pool[torch.randperm(len(pool), generator=gen)]
             for b in range(0, len(order), bs):
                 idx = order[b:b + bs]
-                x, y = trainer.load_batch(data, idx, gen, augment)
+                x, y = trainer.load_batch(data, idx, gen, augment, recipe=recipe)
                 with trainer.autocast():
                     loss = F.cross_entropy(model(x).float(), y)
                 trainer.step(model, opt, sign * loss, len(idx))

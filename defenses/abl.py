@@ -29,6 +29,11 @@ LGA: ``lga="batch"`` applies the sign to the batch-mean loss (the authors' code,
 ``lga="sample"`` per example (the paper's formula); ``lga="flooding"`` is ``|l - gamma| + gamma``
 on the batch mean, the authors' config default, whose gradient equals ``"batch"``'s.
 
+Every phase runs with the matrix recipe's defense-phase settings (``recipe.for_tuning()``: batch
+128, momentum 0.9 by default) and ABL's weight decay.  ``retrain_schedule="recipe"`` re-trains as
+the matrix recipe trains a model instead of ABL's 60 epochs (see the field), for a recipe much
+shorter than the references' 100 epochs.
+
 Deviations: the batches of the isolation phase are shuffled (the authors' isolation loader is
 not); re-training uses crop + flip without the authors' 3-pixel Cutout; re-training uses the
 dropped lr from the same fraction (``retrain_milestone``) of a shortened schedule.
@@ -81,6 +86,13 @@ class ABL(DetectThenRepair):
     retrain_lr_drop: float = 0.1
     #: augmentation while re-training (bboylyg/ABL backdoor_unlearning.py: crop + flip (+ Cutout))
     retrain_augment: bool = True
+    #: "abl": re-train at ABL's own schedule (the four ``retrain_*`` fields above, with the matrix
+    #: recipe's defense-phase settings); "recipe": re-train as the matrix recipe trains a model
+    #: (its epochs, lr, schedule and optimizer), for a regime whose full training is not the
+    #: references' 100-epoch schedule (e.g. the fast preset's 10 epochs, where 60 epochs at lr 0.1
+    #: would be a six-fold longer training than the model's own).  Unlearning then continues that
+    #: optimizer with one lr for all parameters and ABL's weight decay
+    retrain_schedule: Literal["abl", "recipe"] = "abl"
     #: unlearning epochs (bboylyg/ABL: 5 configured, the first only evaluates -> 4 ascent passes;
     #: BackdoorBench: 20)
     unlearn_epochs: int = 4
@@ -96,6 +108,7 @@ class ABL(DetectThenRepair):
     }
     version: ClassVar[int] = 3
     display_name = "ABL"
+    LATER_FIELDS: ClassVar = {"retrain_schedule": "abl"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,7 +139,8 @@ class ABL(DetectThenRepair):
         return losses.argsort()[:n].sort().values, losses
 
     def recipe(self, ctx: DefenseContext):
-        return ctx.trainer.recipe.with_(weight_decay=self.weight_decay)
+        """The settings of ABL's phases: the matrix recipe's defense-phase settings, ABL's weight decay."""
+        return ctx.trainer.recipe.for_tuning().with_(weight_decay=self.weight_decay)
 
     def isolation_model(self, ctx: DefenseContext, on_epoch=None):
         model = ctx.make_model()
@@ -153,8 +167,16 @@ class ABL(DetectThenRepair):
         keep[isolated] = False
         recipe = self.recipe(ctx).with_(milestones=(self.retrain_milestone,), gamma=self.retrain_lr_drop)
         model = trainer.prepare(detection.model)
-        opt = trainer.optimizer(model, recipe, lr=self.retrain_lr)  # carried into unlearning
-        if self.retrain_epochs > 0:
+        if self.retrain_schedule == "recipe":
+            opt = trainer.optimizer(model)  # the matrix recipe's, carried into unlearning
+            model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), augment=self.retrain_augment,
+                                optimizer=opt, seed=ctx.seed_for("retrain"), checkpoint=ctx.checkpoint("retrain"))
+            for g in opt.param_groups:  # unlearning: one lr for all parameters, ABL's weight decay
+                g["lr_scale"], g["weight_decay"] = 1.0, self.weight_decay
+            ctx.observe("retrain", model)
+        else:
+            opt = trainer.optimizer(model, recipe, lr=self.retrain_lr)  # carried into unlearning
+        if self.retrain_schedule == "abl" and self.retrain_epochs > 0:
             model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), epochs=self.retrain_epochs,
                                 lr=self.retrain_lr, schedule="step", augment=self.retrain_augment,
                                 recipe=recipe, optimizer=opt, seed=ctx.seed_for("retrain"),

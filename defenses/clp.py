@@ -161,5 +161,6 @@ class CLP(Defense):
             ctx.observe("pruned", model)
             data = require_reserve(ctx, "CLP repair") if self.repair_data == "reserve" else ctx.train
             model = ctx.trainer.fit(model, data, epochs=self.repair_epochs, lr=self.repair_lr,
-                                    schedule=self.repair_schedule, seed=ctx.seed)
+                                    schedule=self.repair_schedule, seed=ctx.seed,
+                                    recipe=ctx.trainer.recipe.for_tuning())
         return Outcome(model, info=info)

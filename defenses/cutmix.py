@@ -148,7 +148,8 @@ class CutMix(Defense):
         loss_fn = self.loss(ctx.seed)
         if self.mode == "repair":
             model = ctx.trainer.fit(ctx.backdoored_model(), ctx.train, loss_fn=loss_fn, epochs=self.repair_epochs,
-                                    lr=self.repair_lr, schedule=self.repair_schedule, seed=ctx.seed)
+                                    lr=self.repair_lr, schedule=self.repair_schedule, seed=ctx.seed,
+                                    recipe=ctx.trainer.recipe.for_tuning())
         else:
             model = ctx.trainer.fit(ctx.make_model(), ctx.train, loss_fn=loss_fn, seed=ctx.seed,
                                     checkpoint=ctx.checkpoint("scratch"))

@@ -139,7 +139,7 @@ class DBR(DetectThenRepair):
     def sd_model(self, ctx: DefenseContext):
         """The no-augmentation model, after intra-class fine-tuning with the same optimizer."""
         trainer = ctx.trainer
-        recipe = trainer.recipe.with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
+        recipe = trainer.recipe.for_tuning().with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
         model = trainer.prepare(ctx.make_model())
         opt = trainer.optimizer(model, recipe, lr=self.sd_lr)
         model = trainer.fit(model, ctx.train, augment=False, epochs=self.sd_epochs, recipe=recipe,
@@ -199,7 +199,7 @@ class DBR(DetectThenRepair):
 
     def repair_model(self, ctx: DefenseContext, detection: Detection):
         """Unlearn the poison set and relearn the clean set, from the backdoored model."""
-        recipe = ctx.trainer.recipe.with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
+        recipe = ctx.trainer.recipe.for_tuning().with_(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=False)
         return unlearn_relearn(ctx, ctx.backdoored_model(), ctx.train, detection.flagged, detection.state["clean"],
                                epochs=self.repair_epochs, lr=self.repair_lr, augment=self.repair_augment,
                                seed=ctx.seed_for("repair"), tag="repair", recipe=recipe)

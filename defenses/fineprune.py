@@ -288,7 +288,8 @@ class FinePruning(Defense):
             ctx.observe("pruned", model)
             extra["pruned_only"] = copy.deepcopy(model)
             model = ctx.trainer.fit(model, act_set, epochs=cfg["finetune_epochs"], lr=self.lr,
-                                    schedule=self.schedule, augment=self.augment, seed=ctx.seed)
+                                    schedule=self.schedule, augment=self.augment, seed=ctx.seed,
+                                    recipe=ctx.trainer.recipe.for_tuning())
         info.update({"preset": self.preset, "finetune_epochs": cfg["finetune_epochs"],
                      "pruned_channels": pruned.tolist(), "reserve_size": len(reserve),
                      "holdout_size": len(holdout), "finetune_size": len(act_set)})

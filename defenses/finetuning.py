@@ -33,8 +33,9 @@ class FineTuning(Defense):
     """Fine-tune all layers of the backdoored model on the clean reserve with CE.
 
     Defaults: all layers trainable, SGD at lr 0.01 with cosine
-    decay for 20 epochs, standard augmentation.  Momentum, weight decay and batch size are the
-    matrix recipe's (0.9 / 5e-4 / 128 by default), as in BackdoorBench and BackdoorBox.  No checkpoint
+    decay for 20 epochs, standard augmentation.  Momentum, weight decay and batch size are those of
+    the matrix recipe's defense phases (``recipe.for_tuning()``: 0.9 / 5e-4 / 128 by default and in
+    the fast preset), as in BackdoorBench and BackdoorBox.  No checkpoint
     selection: the last epoch is returned.
     """
 
@@ -61,5 +62,5 @@ class FineTuning(Defense):
         reserve = require_reserve(ctx, "FineTuning")
         model = ctx.backdoored_model()
         model = ctx.trainer.fit(model, reserve, epochs=self.epochs, lr=self.lr, schedule=self.schedule,
-                                augment=self.augment, seed=ctx.seed)
+                                augment=self.augment, seed=ctx.seed, recipe=ctx.trainer.recipe.for_tuning())
         return Outcome(model, info={"reserve_size": len(reserve), "epochs": self.epochs})

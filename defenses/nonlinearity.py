@@ -348,7 +348,7 @@ class NONE(Defense):
             ctx.observe(f"reset{r + 1}", model)
             model = trainer.fit(model, data, indices=keep.nonzero().squeeze(1), lr=self.none_lr,
                                 schedule="constant", epochs=self.e2_epochs, freeze_bn=True,
-                                seed=ctx.seed_for(f"finetune{r + 1}"))
+                                seed=ctx.seed_for(f"finetune{r + 1}"), recipe=trainer.recipe.for_tuning())
             ctx.observe(f"finetune{r + 1}", model)
             info["rounds"].append({"n_flagged": len(flagged), "n_reset": n_reset,
                                    "threshold": det["threshold"]})

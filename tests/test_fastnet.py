@@ -87,7 +87,9 @@ def test_fast_preset_expands_and_fields_beside_it_win():
     m = parse_matrix(matrix_dict(recipe={"preset": "fast", "epochs": 3, "lr": 0.5}))
     r = m.cells[0].recipe
     for k, v in RECIPE_PRESETS["fast"].items():
-        if k not in ("epochs", "lr"):
+        if k == "tuning":
+            assert dict(r.tuning) == v
+        elif k not in ("epochs", "lr"):
             assert getattr(r, k) == v, k
     assert (r.epochs, r.lr) == (3, 0.5)
     assert r.label_smoothing == 0.0  # loss-based defenses read losses: off in the preset
@@ -268,3 +270,87 @@ def test_every_defense_runs_on_fastnet(tmp_path):
     assert not failed
     clp = outcomes["clp"].result["info"]
     assert clp["pairs"] == 6 and clp["unpaired_bn"] == []
+
+
+# --- the defense phases' settings (recipe.tuning) --------------------------------------------------
+
+def test_tuning_overrides_are_recipe_fields_checked_as_such():
+    fast = Recipe.preset("fast")
+    tuned = fast.for_tuning()
+    assert (tuned.batch_size, tuned.momentum, tuned.bn_bias_lr_scale, tuned.lookahead) == (128, 0.9, 1.0, False)
+    assert (tuned.crop_padding, tuned.pad_mode, tuned.epochs, tuned.lr) == (2, "reflect", 10, 1.5)  # kept
+    assert tuned.tuning is None and Recipe().for_tuning() == Recipe()
+    m = parse_matrix(matrix_dict(recipe={"preset": "fast", "tuning": {"batch_size": 256}}))
+    assert m.cells[0].recipe.for_tuning().batch_size == 256 and m.cells[0].recipe.for_tuning().lookahead  # replaced
+    with pytest.raises(ConfigError, match=r"recipe.tuning.batchsize: unknown recipe field.*batch_size"):
+        parse_matrix(matrix_dict(recipe={"tuning": {"batchsize": 64}}))
+    with pytest.raises(ConfigError, match=r"recipe.tuning.momentum: expected a number"):
+        parse_matrix(matrix_dict(recipe={"tuning": {"momentum": "high"}}))
+    with pytest.raises(ConfigError, match=r"recipe.tuning: expected a mapping"):
+        parse_matrix(matrix_dict(recipe={"tuning": 128}))
+
+
+def test_tuning_keys_results_but_not_the_backdoored_model():
+    plain, tuned = (parse_matrix(matrix_dict(recipe={"preset": "fast", **extra})).cells[0]
+                    for extra in ({}, {"tuning": {"batch_size": 64}}))
+    assert plain.backdoor_ident() == tuned.backdoor_ident()
+    assert plain.result_ident() != tuned.result_ident()
+    default = parse_matrix(matrix_dict()).cells[0]
+    assert "tuning" not in default.result_ident() and "tuning" not in default.backdoor_ident()["recipe"]
+
+
+def test_a_later_defense_parameter_at_its_earlier_value_leaves_the_key_alone():
+    from bench.core.registry import params_of
+    from defenses.abl import ABL
+
+    assert "retrain_schedule" not in params_of(ABL())
+    assert params_of(ABL(retrain_schedule="recipe"))["retrain_schedule"] == "recipe"
+
+
+def test_every_defense_phase_at_its_own_lr_runs_with_the_tuning_settings(tmp_path, monkeypatch):
+    """Every training a defense runs at its own lr (fine-tuning, unlearning, isolation, repair)
+    uses ``recipe.tuning``'s batch size and no lookahead; every training at the recipe's lr (a
+    from-scratch re-training) uses the cell's.  Batch sizes 64 (cell) and 16 (tuning) tell them
+    apart; the spies see the recipe of each training, and of each optimizer a defense builds at
+    its own lr (``fit`` builds its own from the recipe it is given)."""
+    from test_contracts import shrunk
+
+    from bench.core.registry import DEFENSES
+    from bench.runner import Runner
+    from bench.store import Store
+
+    calls = []
+    fit, optimizer = Trainer.fit, Trainer.optimizer
+
+    def spy_fit(self, model, data, **kw):
+        r = kw.get("recipe") or self.recipe
+        own = kw.get("lr") is not None or kw.get("lr_at_epoch") is not None
+        calls.append(("fit", own, r.batch_size, r.lookahead))
+        return fit(self, model, data, **kw)
+
+    def spy_optimizer(self, model, recipe=None, lr=None):  # built by a defense at its own lr
+        r = recipe or self.recipe
+        if lr is not None:
+            calls.append(("optimizer", True, r.batch_size, r.lookahead))
+        return optimizer(self, model, recipe, lr)
+
+    monkeypatch.setattr(Trainer, "fit", spy_fit)
+    monkeypatch.setattr(Trainer, "optimizer", spy_optimizer)
+    defenses = [{"name": key, **shrunk(DEFENSES.get(key))} for key in DEFENSES.names()]
+    defenses.append({"name": "abl", "retrain_schedule": "recipe", "label": "ABL-recipe", **shrunk(DEFENSES.get("abl"))})
+    m = parse_matrix(matrix_dict(defenses=defenses, reserve_ratio=0.1, recipe={
+        "preset": "fast", "epochs": 2, "batch_size": 64, "lr": 0.2, "lookahead": True,
+        "tuning": {"batch_size": 16, "lookahead": False, "bn_bias_lr_scale": 1.0}}))
+    runner = Runner(Store(tmp_path / "runs"))
+    seen = {}
+    for cell in m.cells:
+        calls.clear()
+        outcome = runner.run_cell(cell)
+        assert outcome is not None
+        seen[cell.label] = list(calls)
+    own = [(label, c) for label, cs in seen.items() for c in cs if c[1]]
+    recipe_lr = [(label, c) for label, cs in seen.items() for c in cs if not c[1]]
+    assert {c[2:] for _, c in own} == {(16, False)}, [x for x in own if x[1][2:] != (16, False)]
+    assert {c[2:] for _, c in recipe_lr} == {(64, True)}, [x for x in recipe_lr if x[1][2:] != (64, True)]
+    trained_own = {label.split("/")[3].split("(")[0] for label, _ in own}
+    assert {"FineTuning", "FinePruning", "NONE", "DBR", "SCAnFT", "ABL", "ABL-recipe", "CutMix", "AdvrBD"} <= trained_own

@@ -399,10 +399,15 @@ def build(cls: type, params: dict, where: str):
 
 
 def params_of(obj) -> dict:
-    """A component's parameters as plain JSON-able values."""
+    """A component's parameters as plain JSON-able values.  A field the class lists in its
+    ``LATER_FIELDS`` (name -> the value that reproduces the behaviour from before the field existed)
+    is left out at that value, so that adding a parameter keeps the cache keys of earlier results."""
     out = {}
+    later = getattr(type(obj), "LATER_FIELDS", {})
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
+        if f.name in later and v == later[f.name]:
+            continue
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
 

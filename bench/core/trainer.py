@@ -30,7 +30,7 @@ import os
 import platform
 import time
 import typing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -206,6 +206,13 @@ class Recipe:
     #: epochs in which a model's whitening-stem bias trains (``model.stem_bias()``), after which it is
     #: frozen; ``None``: all epochs.  Models without a stem ignore it
     whiten_bias_epochs: int | None = None
+    #: the settings a defense's own phases run with (a fine-tuning, an unlearning, an isolation or
+    #: repair at the defense's lr and schedule), as overrides of this recipe's fields; ``None``: the
+    #: same as this recipe.  A recipe written for fast from-scratch training (the ``fast`` preset's
+    #: large batch, BN biases at 64x the lr, lookahead) sets the references' fine-tuning conventions
+    #: here, so that a 20-epoch fine-tuning at lr 0.01 means what the defense's paper means.  See
+    #: :meth:`for_tuning`
+    tuning: typing.Any = None
 
     SCHEDULES = typing.get_args(Schedule)
     #: fields added after results were first keyed, with the value that reproduces the earlier
@@ -214,11 +221,28 @@ class Recipe:
     LATER_FIELDS: typing.ClassVar[dict] = {
         "precision": "fp32", "warmup_from": 1 / 25, "lr_end": 0.0, "bn_bias_lr_scale": 1.0,
         "label_smoothing": 0.0, "pad_mode": "zeros", "flip_mode": "random", "lookahead": False,
-        "lookahead_every": 5, "whiten_bias_epochs": None}
+        "lookahead_every": 5, "whiten_bias_epochs": None, "tuning": None}
 
     def __post_init__(self):
         check_choices(self, "recipe.")
         object.__setattr__(self, "milestones", tuple(self.milestones))
+        if self.tuning is not None:
+            items = dict(self.tuning).items() if not isinstance(self.tuning, tuple) else self.tuning
+            allowed = sorted(f.name for f in fields(self) if f.name != "tuning")
+            bad = [k for k, _ in items if k not in allowed]
+            if bad:
+                raise ConfigError(f"recipe.tuning: {', '.join(map(str, bad))} is not a recipe field; allowed: "
+                                  f"{', '.join(allowed)}")
+            pairs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items))
+            object.__setattr__(self, "tuning", pairs or None)
+            replace(self, tuning=None, **dict(pairs))  # each value is checked as the field it overrides
+
+    def for_tuning(self) -> "Recipe":
+        """The recipe of a defense's own phases: this recipe with :attr:`tuning`'s overrides (itself
+        when there are none).  A defense still passes its own lr, schedule and epochs to ``fit``."""
+        if not self.tuning:
+            return self
+        return replace(self, tuning=None, **dict(self.tuning))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Recipe":
@@ -256,11 +280,19 @@ class Recipe:
 #: reflect-padded translation.  10 epochs
 #: (the reference's 9.9, rounded up to whole epochs).  Not taken: label smoothing 0.2 (loss-based
 #: defenses read losses) and test-time augmentation (a defense against static triggers).
+#:
+#: A defense's own phases (``Recipe.tuning``) run at the conventions the defenses' reference code
+#: fine-tunes with, which are this trainer's defaults: batch 128, SGD with Nesterov momentum 0.9,
+#: weight decay 5e-4, one lr for every parameter, no lookahead, the whitening bias trainable.
+#: The fast preset's augmentation (2-px reflect translation, flips) is kept.
+FAST_TUNING: dict = dict(batch_size=128, momentum=0.9, nesterov=True, weight_decay=5e-4, bn_bias_lr_scale=1.0,
+                         lookahead=False, whiten_bias_epochs=None, flip_mode="random")
 RECIPE_PRESETS: dict[str, dict] = {
     "fast": dict(epochs=10, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=0.0153 / 11.5, nesterov=True,
                  schedule="linear", warmup=0.23, warmup_from=0.2, lr_end=0.07, bn_bias_lr_scale=64.0,
                  label_smoothing=0.0, crop_padding=2, pad_mode="reflect", flip_mode="alternate",
-                 lookahead=True, lookahead_every=5, whiten_bias_epochs=3),
+                 lookahead=True, lookahead_every=5, whiten_bias_epochs=3,
+                 tuning=FAST_TUNING),
 }
 
 
