@@ -7,7 +7,7 @@ from bench.report import build_sections, paper_numbers, to_html, to_latex, to_ma
 
 def _row(attack, defense, acc, asr, seed=0, dataset="cifar10", **extra):
     return {"dataset": dataset, "model": "small_cnn", "attack": attack.lower(), "attack_name": attack,
-            "attack_display": attack, "defense": defense.lower(), "defense_name": defense,
+            "attack_display": attack, "defense": "undefended" if defense == "No Defense" else defense.lower(), "defense_name": defense,
             "defense_display": defense, "seed": seed, "acc": acc, "asr": asr, "wall_time_s": 1.0,
             "epoch_equivalents": 2.0, "clean_data": 0.0, **extra}
 
@@ -31,7 +31,8 @@ def test_tables_average_seeds_and_attacks_and_show_the_paper():
     assert main.rows[1][3:] == ["–", "–"]  # Blend has no ABL cell
     cmp = next(t for t in section.tables if "paper" in t.caption)
     pa, ps = paper_numbers()[("cifar10", "BadNet", "No Defense")]
-    assert ["BadNet", "No Defense", "85.0±63.5 (n=2)", "–", f"{pa:.1f}", "90.0±63.5 (n=2)", f"{ps:.1f}"] in cmp.rows
+    assert ["BadNet", "No Defense", "85.0±63.5 (n=2)", f"{pa:.1f}", "90.0±63.5 (n=2)", f"{ps:.1f}",
+            "differs: small_cnn"] in cmp.rows
     det = next(t for t in section.tables if "Detection" in t.caption)
     assert det.rows == [["BadNet", "ABL", "50.0", "10.0", "80.0"]]
 
@@ -48,6 +49,18 @@ def test_non_target_accuracy_and_relearn_tables():
     assert rel.rows == [["BadNet", "AdvrBD", "80.0", "2.0", "84.0", "87.0", "1.0"]]
     cmp = next(t for t in section.tables if "paper" in t.caption)
     assert "1/910" in cmp.note
+    # like with like: a defended cell's ACC is its non-target ACC (the paper's subset), the baseline's all-class ACC
+    pa = paper_numbers()[("cifar10", "BadNet", "AdvrBD")][0]
+    assert ["BadNet", "AdvrBD", "88.0", f"{pa:.1f}", "2.0"] == next(r for r in cmp.rows if r[1] == "AdvrBD")[:5]
+    assert next(r for r in cmp.rows if r[1] == "No Defense")[2] == "90.0"
+
+
+def test_regime_marks_what_differs_from_the_reference():
+    from bench.report import PAPER_REGIME, regime
+
+    assert regime({"model": "resnet18", "recipe": {"epochs": 100}}, PAPER_REGIME) == "same"
+    assert regime({"model": "resnet18", "recipe": {"epochs": 30}}, PAPER_REGIME) == "differs: resnet18, 30 ep."
+    assert regime({"model": "fastnet", "recipe": {"epochs": 10}}, PAPER_REGIME) == "differs: fastnet, 10 ep."
 
 
 def test_renderers_carry_the_same_numbers():
