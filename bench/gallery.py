@@ -9,6 +9,7 @@ has one: PhysicalBA) and, where the attack has them, one cover sample.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ DARK = 48
 TEST_LIMIT = 500
 #: train images poisoned to find a training-time poison/cover example
 TRAIN_LIMIT = 2000
+#: characters per line of a row's attack label (a longer label wraps, at its commas first)
+LABEL_WIDTH = 18
 
 
 def trigger_preview(attack: Attack, channels: int, size: int) -> torch.Tensor:
@@ -112,7 +115,10 @@ def render_gallery(dataset: str = "digits", data_root: str | None = None, out: s
                           interpolation="nearest")
             if r == 0:
                 ax.set_title(cols[k], fontsize=7)
-        axes[r][0].set_ylabel(label(attack) if configured else (attack.display_name or attack.key), fontsize=8)
+        name = label(attack) if configured else (attack.display_name or attack.key)
+        # a long configured label (parameters) wraps at its commas instead of running off the figure
+        axes[r][0].set_ylabel(textwrap.fill(name.replace(", ", ",\n") if len(name) > LABEL_WIDTH else name,
+                                            LABEL_WIDTH, replace_whitespace=False), fontsize=7)
     fig.suptitle(f"{dataset} ({size}x{size}, {c} channel{'s' if c > 1 else ''}): "
                  f"{'the parameters of the matrix' if configured else 'default parameters'}", fontsize=9)
     fig.tight_layout()

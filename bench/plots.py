@@ -16,6 +16,7 @@ Each figure is drawn only when the results hold what it needs:
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -27,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 #: figure size in inches and resolution of the PNGs
 FIGSIZE = (5.0, 3.6)
+#: panels per row of the score-distribution figure (more attacks wrap onto further rows)
+SCORE_PANELS_PER_ROW = 4
 DPI = 110
 
 
@@ -215,18 +218,25 @@ def score_histograms(rows, out: Path) -> list[tuple[str, Path]]:
             by[(r["dataset"], r["model"], r["defense_name"])].append((r, first))
     figs = []
     for (dataset, model, defense), items in by.items():
-        fig, axes = plt.subplots(1, len(items), figsize=(3.0 * len(items), FIGSIZE[1] * 0.8), squeeze=False)
-        for ax, (r, sc) in zip(axes[0], items):
+        ncols = min(len(items), SCORE_PANELS_PER_ROW)
+        nrows = -(-len(items) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.6 * nrows + 0.5), squeeze=False,
+                                 layout="constrained")
+        flat = [ax for row in axes for ax in row]
+        for ax in flat[len(items):]:
+            ax.axis("off")
+        for ax, (r, sc) in zip(flat, items):
             edges = sc["edges"]
             width = edges[1] - edges[0]
             for hist, color, name in ((sc["clean_hist"], "C0", "clean"), (sc["poison_hist"], "C3", "poisoned")):
                 total = max(1, sum(hist))
                 ax.bar(edges[:-1], [h / total for h in hist], width, align="edge", alpha=0.55, color=color, label=name)
-            ax.set_title(f"{r['attack_name']}: AUROC {sc['auroc']:.2f}", fontsize=8)
+            ax.set_title(textwrap.fill(f"{r['attack_name']}: AUROC {sc['auroc']:.2f}", 34), fontsize=8)
             ax.set_xlabel("robustness score (KL)", fontsize=7)
             ax.tick_params(labelsize=6)
-        axes[0][0].set_ylabel("share of group", fontsize=7)
-        _legend(axes[0][-1], fontsize=6)
+        for row in axes:
+            row[0].set_ylabel("share of group", fontsize=7)
+        _legend(flat[len(items) - 1], fontsize=6)
         fig.suptitle(f"{defense}: round-1 scores, {dataset} / {model}", fontsize=9)
         figs.append((f"{defense}: score distributions of clean and poisoned samples ({dataset} / {model})",
                      _save(fig, out / f"scores_{_slug(defense)}_{_slug(dataset)}_{_slug(model)}.png")))

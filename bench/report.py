@@ -221,18 +221,26 @@ def build_sections(rows: list[dict]) -> list[Section]:
             body.append(line)
         avg = ["Average"]
         counted = [a for a in attacks if a not in missed]
+        partial = False
         for d in defenses:  # mean over implanted attacks of the per-attack seed means
             accs = [mean(_vals(r["acc"] for r in cells[(a, d)])) for a in counted if _vals(r["acc"] for r in cells.get((a, d), []))]
             asrs = [mean(_vals(r["asr"] for r in cells[(a, d)])) for a in counted if _vals(r["asr"] for r in cells.get((a, d), []))]
-            avg += [pct([mean(accs)]) if accs else "–", pct([mean(asrs)]) if asrs else "–"]
+            # an average over fewer attacks than the others' says so: it is not comparable with them
+            of = f" ({len(accs)} of {len(counted)})" if accs and len(accs) < len(counted) else ""
+            partial |= bool(of)
+            avg += [pct([mean(accs)]) + of if accs else "–", pct([mean(asrs)]) + of if asrs else "–"]
         body.append(avg)
         header = ["Attack"] + [f"{d} {m}" for d in defenses for m in ("ACC", "ASR")]
         note = SEEDS_NOTE
         if missed:
             note += (f"; did not implant: undefended ASR below {100 * IMPLANT_ASR:.0f} % ({', '.join(missed)}), "
                      f"left out of the average")
+        if partial:
+            note += ("; Average (k of n): the defense has results for k of the n attacks averaged in the other "
+                     "columns (a cell is missing, failed or was dropped as corrupt): not comparable with them")
         if any(r.get("warnings") for rs in cells.values() for r in rs):
             note += f"; {WARN_MARK}: the cell recorded a warning (see the Warnings table)"
+        note += "; bold: the lowest ASR of the defended models in the row"
         keys = {d: next(r.get("defense") for (_, d2), rs in cells.items() if d2 == d for r in rs) for d in defenses}
         tables.append(Table("ACC / ASR (%)", header, body, note, {len(body) - 1},
                             groups=[("", 1)] + [(d, 2) for d in defenses],

@@ -105,3 +105,14 @@ def test_latex_has_booktabs_two_level_headers_labels_bold_best_and_fits_the_widt
         r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-output-directory", "/tmp"],
                            input=doc, text=True, capture_output=True, timeout=120)
         assert r.returncode == 0, r.stdout[-2000:]
+
+
+def test_an_average_over_fewer_attacks_says_so_and_bold_is_explained():
+    rows = [_row(a, d, 0.9, asr) for a, d, asr in [("BadNet", "No Defense", 0.9), ("Blend", "No Defense", 0.8),
+                                                    ("BadNet", "ABL", 0.1), ("Blend", "ABL", 0.5),
+                                                    ("BadNet", "NONE", 0.2)]]  # NONE's Blend cell is missing
+    main = build_sections(rows)[0].tables[0]
+    assert main.rows[-1] == ["Average", "90.0", "85.0", "90.0", "30.0", "90.0 (1 of 2)", "20.0 (1 of 2)"]
+    assert "Average (k of n)" in main.note and "bold: the lowest ASR" in main.note
+    complete = build_sections(rows[:4])[0].tables[0]
+    assert "(k of n)" not in complete.note and "of 2" not in " ".join(complete.rows[-1])
