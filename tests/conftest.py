@@ -8,7 +8,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the suite's torch threads: 2 (or the cores there are); BENCH_TEST_THREADS=1 reruns it at one thread,
+# which every threshold on a trained model must also pass
+torch.set_num_threads(int(os.environ.get("BENCH_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 # "auto" precision means fp32 in the suite on every CPU, with or without native bf16 (also in the
 # subprocesses tests start), so that a threshold measured on one machine holds on another; the
@@ -34,8 +36,13 @@ def cifar_npz():
     return path
 
 
+#: the seed of the end-to-end tests' matrices; BENCH_TEST_SEED=1 (2, ...) reruns them on other draws,
+#: which every threshold on a trained model must also pass (labels that name "seed0" will differ)
+TEST_SEED = int(os.environ.get("BENCH_TEST_SEED", "0"))
+
+
 def matrix_dict(**over):
-    raw = {"name": "t", "datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [0], "recipe": dict(TINY_RECIPE),
+    raw = {"name": "t", "datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [TEST_SEED], "recipe": dict(TINY_RECIPE),
            "attacks": ["badnet"], "defenses": ["undefended"]}
     raw.update(over)
     return raw

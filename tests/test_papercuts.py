@@ -173,3 +173,14 @@ def test_editing_your_own_component_recomputes_its_results(tmp_path, python_env)
     assert "1 computed, 1 cached" in run()
     (tmp_path / "mydef.py").write_text("FACTOR = 0.5\n# a comment changes nothing\n" + USER_DEFENSE)
     assert "0 computed, 2 cached" in run()
+
+
+def test_openmp_threads_wait_passively_unless_the_environment_says(python_env):
+    import subprocess
+
+    env, python = python_env
+    code = "import bench, os; print(os.environ['OMP_WAIT_POLICY'])"
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        e = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+        out = subprocess.run([python, "-c", code], env=e, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected

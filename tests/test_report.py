@@ -79,7 +79,7 @@ def _latex_rows(rows_per_attack=2, defenses=12):
             for i, d in enumerate(names) for s in (0, 1)]
 
 
-def test_latex_has_booktabs_two_level_headers_labels_bold_best_and_fits_the_width():
+def test_latex_has_booktabs_two_level_headers_labels_bold_best_and_fits_the_width(tmp_path):
     import re
     import shutil
     import subprocess
@@ -101,9 +101,10 @@ def test_latex_has_booktabs_two_level_headers_labels_bold_best_and_fits_the_widt
     assert re.search(r"\\textbf\{17\.0\$\\pm\$0\.0 \(n=2\)\} \\\\$", main.splitlines()[[
         i for i, l in enumerate(main.splitlines()) if l.startswith("BadNet")][0]])
     if shutil.which("pdflatex"):
-        doc = "\\documentclass{article}\\usepackage{booktabs,graphicx}\\begin{document}" + tex + "\\end{document}"
-        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-output-directory", "/tmp"],
-                           input=doc, text=True, capture_output=True, timeout=120)
+        doc = "\\documentclass{article}\\usepackage{booktabs,graphicx}\\begin{document}\n" + tex + "\\end{document}\n"
+        (tmp_path / "t.tex").write_text(doc)
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                           text=True, capture_output=True, timeout=120)
         assert r.returncode == 0, r.stdout[-2000:]
 
 

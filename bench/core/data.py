@@ -332,9 +332,21 @@ def _digits(root: Path) -> Dataset:
     return Dataset("digits", ImageSet(x[tr], y[tr]), ImageSet(x[te], y[te]), 10, [str(i) for i in range(10)])
 
 
-def _torchvision_arrays(name: str, root: Path, cls, **kw) -> Dataset:
+def _torchvision_class(cls_name: str):
+    """``torchvision.datasets.<cls_name>``, imported only when a dataset is read from torchvision's
+    folder layout (the ``.npz`` files and the embedded dataset do not need torchvision)."""
+    try:
+        import torchvision.datasets
+    except ImportError as e:
+        raise DataError(f"reading torchvision's {cls_name} folder needs torchvision (pip install torchvision), "
+                        f"or provide the dataset's .npz file: {e}") from e
+    return getattr(torchvision.datasets, cls_name)
+
+
+def _torchvision_arrays(name: str, root: Path, cls_name: str, **kw) -> Dataset:
     def fallback(npz):
         looked = [npz, root / name]
+        cls = _torchvision_class(cls_name)
         try:
             tr = cls(str(root / name), train=True, download=False, **kw)
             te = cls(str(root / name), train=False, download=False, **kw)
@@ -348,29 +360,23 @@ def _torchvision_arrays(name: str, root: Path, cls, **kw) -> Dataset:
                        [str(c) for c in tr.classes])
 
     return _npz_or(name, root, fallback, _NPZ_REBUILD.format(npz=root / f"{name}.npz") +
-                   f" Torchvision's folder: {cls.__name__}(root='{root / name}', download=True).")
+                   f" Torchvision's folder: {cls_name}(root='{root / name}', download=True).")
 
 
 @dataset("cifar10", "CIFAR-10, 32x32 RGB, 10 classes (torchvision layout or cifar10.npz)", 10, 3, 32)
 def _cifar10(root: Path) -> Dataset:
-    from torchvision.datasets import CIFAR10
-
-    return _torchvision_arrays("cifar10", root, CIFAR10)
+    return _torchvision_arrays("cifar10", root, "CIFAR10")
 
 
 @dataset("cifar100", "CIFAR-100, 32x32 RGB, 100 classes (torchvision layout or cifar100.npz)", 100, 3, 32)
 def _cifar100(root: Path) -> Dataset:
-    from torchvision.datasets import CIFAR100
-
-    return _torchvision_arrays("cifar100", root, CIFAR100)
+    return _torchvision_arrays("cifar100", root, "CIFAR100")
 
 
 @dataset("mnist", "MNIST, 28x28 grayscale, 10 classes (torchvision layout or mnist.npz)", 10, 1, 28,
          flip=False)
 def _mnist(root: Path) -> Dataset:
-    from torchvision.datasets import MNIST
-
-    return _torchvision_arrays("mnist", root, MNIST)
+    return _torchvision_arrays("mnist", root, "MNIST")
 
 
 def _images_to_tensor(paths_labels, size: int) -> ImageSet:
@@ -395,8 +401,7 @@ def _image_folder(name: str, root: Path, size: int, train_dir: str, test_dir: st
         looked = [npz, base / train_dir, base / test_dir]
         if not (base / train_dir).is_dir() or not (base / test_dir).is_dir():
             raise _missing(name, looked, how)
-        from torchvision.datasets import ImageFolder
-
+        ImageFolder = _torchvision_class("ImageFolder")
         try:
             tr, te = ImageFolder(str(base / train_dir)), ImageFolder(str(base / test_dir))
             if tr.classes != te.classes:
