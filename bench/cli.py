@@ -82,9 +82,9 @@ def cmd_run(args) -> int:
         if args.executor == "ray":  # the Ray cluster's resources decide, not this machine's devices
             from .ray_executor import ray_slots
 
-            slots = ray_slots(args.devices or args.device, args.jobs_per_device, args.threads)
+            slots = ray_slots(args.devices or args.device, args.jobs_per_device or 1, args.threads)
         else:
-            slots = parse_devices(args.devices or args.device, args.jobs_per_device)
+            slots = parse_devices(args.devices or args.device, _jobs_per_device(args))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if args.threads is not None and args.threads < 1:
@@ -100,11 +100,16 @@ def cmd_run(args) -> int:
             raise ConfigError(f"$BENCH_THREADS: {threads} is out of range; allowed: >= 1")
     if threads:
         slots = [type(s)(s.device, threads) for s in slots]
+    elif args.jobs_per_device is None and slots[0].device == "cpu":
+        why = (f"the default on a CPU: one single-threaded worker per core, {len(slots)} of {os.cpu_count()} "
+               f"cores; --jobs-per-device and --threads set them")
     else:
         why = f"{os.cpu_count()} cores / {len(slots)} worker(s)"
     # said once the inputs are checked: several processes on one machine must not oversubscribe it
-    args.threads_note = (f"CPU threads per worker: {slots[0].threads} ({why}; set --threads or $BENCH_THREADS "
-                         f"when other jobs share these cores)") if slots[0].device == "cpu" else None
+    advice = ("; several threads per process slow down badly when other jobs share these cores: "
+              "--jobs-per-device N --threads 1 avoids it" if slots[0].threads > 1 else "")
+    args.threads_note = (f"CPU threads per worker: {slots[0].threads} ({why}{advice})"
+                         if slots[0].device == "cpu" else None)
     runner.checkpoint_every_s = args.checkpoint_every
     if args.checkpoint_epochs is not None and args.checkpoint_epochs < 1:
         raise ConfigError(f"--checkpoint-epochs: {args.checkpoint_epochs} is out of range; allowed: >= 1")
@@ -128,7 +133,7 @@ def cmd_run(args) -> int:
               f"other numerics than this run's will be recomputed", file=sys.stderr)
     p = plan(cells, runner, retry_failed=args.retry_failed)
     if args.dry_run:
-        print(dry_run_text(p, runner))
+        print(dry_run_text(p, runner, slots[0].threads))
         return 0
     restore = on_signals(raise_interrupted)  # from here on, SIGINT/SIGTERM end with one line
     try:
@@ -203,6 +208,22 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
                 "cell": " [cell: --retry-failed reruns it]"}.get(cause, "")
         print(f"FAILED {o.cell.label}: {o.error}{hint}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _jobs_per_device(args) -> int:
+    """--jobs-per-device, else on a CPU run that names no thread count one worker per core (see
+    :data:`~bench.schedule.DEFAULT_CPU_WORKERS_MAX`), else 1 (a thread count given alone keeps the
+    run in one process)."""
+    from .schedule import default_cpu_workers
+
+    if args.jobs_per_device is not None:
+        return args.jobs_per_device
+    named_threads = args.threads is not None or os.environ.get("BENCH_THREADS", "").strip()
+    spec = args.devices or args.device
+    on_cpu = spec == "cpu" or (spec == "auto" and not torch.cuda.is_available())
+    if args.executor == "local" and on_cpu and not named_threads:
+        return default_cpu_workers()
+    return 1
 
 
 def cmd_report(args) -> int:
@@ -421,7 +442,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
     common(r)
     r.add_argument("--devices", help="device slots: auto | cpu | cuda | cuda:0,cuda:1 (default: --device)")
-    r.add_argument("--jobs-per-device", type=int, default=1, help="worker processes per device (default 1)")
+    r.add_argument("--jobs-per-device", type=int, default=None,
+                   help="worker processes per device (default: on a CPU run without --threads, one per core up "
+                        "to 8, single-threaded; else 1)")
     r.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                    help="local worker processes (default), Ray tasks (pip install -e '.[ray]') or SLURM jobs "
                         "through submitit (pip install -e '.[slurm]')")

@@ -46,6 +46,19 @@ class Slot:
     threads: int
 
 
+#: on a CPU, with neither --threads nor --jobs-per-device given: one single-threaded worker process per
+#: core, up to this many (beyond, the cores are divided among them).  Single-threaded workers are the
+#: fastest way through a matrix of small cells and lose nothing when another job shares the cores;
+#: multi-threaded ones collapse there, their parallel regions waiting on descheduled threads
+#: (measured with benchmarks/shared_machine.py: see the README's Speed section)
+DEFAULT_CPU_WORKERS_MAX = 8
+
+
+def default_cpu_workers(cores: int | None = None) -> int:
+    """Worker processes of a CPU run that names neither threads nor workers."""
+    return max(1, min(cores or os.cpu_count() or 1, DEFAULT_CPU_WORKERS_MAX))
+
+
 def parse_devices(spec: str, jobs_per_device: int = 1) -> list[Slot]:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:0,cuda:1`` -> one slot per job."""
     if jobs_per_device < 1:
@@ -436,11 +449,12 @@ class CostModel:
         return total / max(1, min(workers, n)), guesses
 
 
-def estimate_seconds(p: Plan, runner) -> tuple[float | None, int]:
-    """(serial seconds of the plan from the store's earlier measurements, tasks whose cost is a guess)."""
+def estimate_seconds(p: Plan, runner, threads: int | None = None) -> tuple[float | None, int]:
+    """(serial seconds of the plan from the store's earlier measurements at this device and
+    ``threads`` per worker (default: this process's), tasks whose cost is a guess)."""
     from .runner import numerics
 
-    model = CostModel(numerics(runner.device, False))
+    model = CostModel(numerics(runner.device, False) | ({"threads": threads} if threads else {}))
     model.load_history(runner.store)
     return model.remaining(list(p.backdoors.values()), p.todo, 1)
 
@@ -886,11 +900,11 @@ class PoolExecutor:
             self.pool.shutdown(wait=True)
 
 
-def dry_run_text(p: Plan, runner) -> str:
+def dry_run_text(p: Plan, runner, threads: int | None = None) -> str:
     actual, naive = p.trainings()
     lines = [("cached  " if c in p.cached else "failed  " if c in p.failed_before else "todo    ") + c.label
              for c in p.cells]
-    est, guesses = estimate_seconds(p, runner)
+    est, guesses = estimate_seconds(p, runner, threads)
     lines += ["", f"cells: {len(p.cells)} ({len(p.cached)} cached, {len(p.todo)} to run, "
                   f"{len(p.failed_before)} failed earlier)",
               f"backdoored models to train: {len(p.backdoors)}",

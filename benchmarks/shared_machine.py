@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 SLICE = ["--only", "attack=badnet,blend", "--only", "defense=undefended,finetuning,clp,fineprune"]
 
 
-def start(store: Path, threads: int | None, wait_policy: str | None) -> subprocess.Popen:
+def start(store: Path, threads: int | None, wait_policy: str | None, jobs: int | None) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("BENCH_THREADS", None)
     if wait_policy:
@@ -38,12 +38,14 @@ def start(store: Path, threads: int | None, wait_policy: str | None) -> subproce
            "--report-dir", str(store / "rep"), *SLICE]
     if threads:
         cmd += ["--threads", str(threads)]
+    if jobs:
+        cmd += ["--jobs-per-device", str(jobs)]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def timed(n: int, root: Path, threads: int | None, wait_policy: str | None) -> float:
+def timed(n: int, root: Path, threads: int | None, wait_policy: str | None, jobs: int | None) -> float:
     t0 = time.perf_counter()
-    procs = [start(root / f"run{i}", threads, wait_policy) for i in range(n)]
+    procs = [start(root / f"run{i}", threads, wait_policy, jobs) for i in range(n)]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
@@ -56,16 +58,19 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="--threads of each run (default: the harness's)")
     p.add_argument("--wait-policy", choices=["PASSIVE", "ACTIVE"], default=None,
                    help="OMP_WAIT_POLICY of each run (default: the harness's)")
+    p.add_argument("--jobs-per-device", type=int, default=None,
+                   help="--jobs-per-device of each run: worker processes (default: the harness's)")
     p.add_argument("--repeats", type=int, default=1, help="alone/pair measurements, interleaved; medians reported")
     args = p.parse_args()
     alone, pair = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            alone.append(timed(1, Path(tmp), args.threads, args.wait_policy))
+            alone.append(timed(1, Path(tmp), args.threads, args.wait_policy, args.jobs_per_device))
         with tempfile.TemporaryDirectory() as tmp:
-            pair.append(timed(2, Path(tmp), args.threads, args.wait_policy))
+            pair.append(timed(2, Path(tmp), args.threads, args.wait_policy, args.jobs_per_device))
     a, b = sorted(alone)[len(alone) // 2], sorted(pair)[len(pair) // 2]
     print(f"cores {os.cpu_count()}, threads {args.threads or 'default'}, "
+          f"jobs per device {args.jobs_per_device or 'default'}, "
           f"OMP_WAIT_POLICY {args.wait_policy or 'default'}")
     print(f"one run alone: {a:.1f} s; two runs at once: {b:.1f} s; ratio {b / a:.2f} "
           f"(<= 2.0: nothing lost to sharing; work done per second together vs alone: {2 * a / b:.2f}x)")

@@ -11,6 +11,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # the suite's torch threads: 2 (or the cores there are); BENCH_TEST_THREADS=1 reruns it at one thread,
 # which every threshold on a trained model must also pass
 torch.set_num_threads(int(os.environ.get("BENCH_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# runs started by tests (in process or as subprocesses) use that thread count in one process, not
+# the CLI's CPU default of one worker process per core; tests of that default unset it
+os.environ["BENCH_THREADS"] = str(torch.get_num_threads())
 
 # "auto" precision means fp32 in the suite on every CPU, with or without native bf16 (also in the
 # subprocesses tests start), so that a threshold measured on one machine holds on another; the

@@ -1,4 +1,5 @@
 """Small things a new user runs into: each fails (or failed) in a way that leaves them stuck."""
+import os
 import re
 import subprocess
 import sys
@@ -175,12 +176,18 @@ def test_editing_your_own_component_recomputes_its_results(tmp_path, python_env)
     assert "0 computed, 2 cached" in run()
 
 
-def test_openmp_threads_wait_passively_unless_the_environment_says(python_env):
-    import subprocess
+def test_a_cpu_run_that_names_no_threads_gets_one_single_threaded_worker_per_core(tmp_path, monkeypatch, capsys):
+    from bench.schedule import DEFAULT_CPU_WORKERS_MAX, default_cpu_workers
 
-    env, python = python_env
-    code = "import bench, os; print(os.environ['OMP_WAIT_POLICY'])"
-    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        e = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
-        out = subprocess.run([python, "-c", code], env=e, capture_output=True, text=True, check=True).stdout
-        assert out.strip() == expected
+    assert default_cpu_workers(2) == 2 and default_cpu_workers(1) == 1
+    assert default_cpu_workers(64) == DEFAULT_CPU_WORKERS_MAX
+    monkeypatch.delenv("BENCH_THREADS", raising=False)
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump(matrix_dict(recipe={"epochs": 1, "batch_size": 64, "crop_padding": 1, "flip": False})))
+    common = ["run", m, "--report-dir", tmp_path / "rep", "--device", "cpu"]
+    code, err = _cli([*common, "--output", tmp_path / "runs"], capsys)
+    workers = default_cpu_workers()
+    assert code == 0 and f"CPU threads per worker: {max(1, (os.cpu_count() or 1) // workers)} (the default on a CPU: " \
+        f"one single-threaded worker per core, {workers} of {os.cpu_count()} cores" in err
+    code, err = _cli([*common, "--output", tmp_path / "runs2", "--threads", "2"], capsys)  # one process
+    assert code == 0 and "CPU threads per worker: 2 (--threads" in err
