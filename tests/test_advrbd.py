@@ -34,6 +34,7 @@ from bench.core.trainer import Recipe, Trainer
 from bench.matrix import load_matrix, parse_matrix
 from bench.runner import Runner
 from bench.store import Store
+from conftest import TEST_SEED
 
 REPO = Path(__file__).resolve().parents[1]
 #: no random crop: the 2x2 corner trigger is then learned within a few epochs, which keeps the file fast
@@ -47,11 +48,11 @@ DIGITS_SCORE = AdvrBD(**DIGITS).score_config()
 def backdoored():
     torch.set_num_threads(1)
     ds = load_dataset("digits")
-    poisoned = ATTACKS.get("badnet")(poison_ratio=0.05).poison(ds.train, seed=0)
+    poisoned = ATTACKS.get("badnet")(poison_ratio=0.05).poison(ds.train, seed=TEST_SEED)
     trainer = Trainer(recipe=RECIPE)
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model("small_cnn", ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
-    model = trainer.fit(model, poisoned.train, seed=0)
+    model = trainer.fit(model, poisoned.train, seed=TEST_SEED)
     return ds, poisoned, trainer, model
 
 

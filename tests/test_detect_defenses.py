@@ -28,6 +28,7 @@ from defenses.abl import ABL
 from defenses.dbr import DBR, intra_class_loss, random_affine
 from defenses.nonlinearity import NONE, monitored_units, reset_selected
 from defenses.scan import SCAnFT, scan_detect
+from conftest import TEST_SEED
 
 TARGET = 1
 
@@ -37,18 +38,18 @@ def toy():
     torch.set_num_threads(1)
     ds = load_dataset("digits")
     attack = BadNet(target=TARGET)
-    poisoned = attack.poison(ds.train, seed=0)
+    poisoned = attack.poison(ds.train, seed=TEST_SEED)
     trainer = Trainer(recipe=Recipe(epochs=8, batch_size=64, crop_padding=0, flip=False))
 
     def make():
-        torch.manual_seed(0)
+        torch.manual_seed(TEST_SEED)
         return trainer.prepare(small_cnn(1, 10, ds.mean, ds.std, ds.size, widths=(16, 32, 64)))
 
-    model = trainer.fit(make(), poisoned.train, seed=0)
+    model = trainer.fit(make(), poisoned.train, seed=TEST_SEED)
     trig = attack.test_set(ds.test)
     asr = (trainer.predict(model, trig.x)[trig.counts] == TARGET).float().mean().item()
     assert asr > 0.8, f"the toy backdoor did not take (ASR {asr:.2f})"
-    ctx = DefenseContext(train=poisoned.train, num_classes=10, make_model=make, trainer=trainer, seed=0,
+    ctx = DefenseContext(train=poisoned.train, num_classes=10, make_model=make, trainer=trainer, seed=TEST_SEED,
                          _backdoored=lambda: copy.deepcopy(model))
     return ctx, model, poisoned.is_poison
 

@@ -2,7 +2,7 @@ import pytest
 """--save-models, bench models and bench export: a defended model can be found and taken out."""
 import torch
 import yaml
-from conftest import TINY_RECIPE, matrix_dict
+from conftest import TEST_SEED, TINY_RECIPE, matrix_dict
 from safetensors.torch import load_file
 
 from bench.cli import main
@@ -25,7 +25,7 @@ def test_saved_defended_model_exports_and_reproduces_its_accuracy(tmp_path, caps
     assert listed.count("defended:   " + str(tmp_path / "runs" / "models")) == 2
 
     assert main(["export", str(path), "FineTuning", str(tmp_path / "ft.safetensors"), *opts]) == 0
-    assert main(["export", str(path), "seed0", str(tmp_path / "x.pt"), *opts]) == 2  # two cells match
+    assert main(["export", str(path), f"seed{TEST_SEED}", str(tmp_path / "x.pt"), *opts]) == 2  # two cells match
     assert "matches 2 cells" in capsys.readouterr().err
 
     ds = load_dataset("digits")

@@ -17,6 +17,7 @@ from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.store import Store
+from conftest import TEST_SEED
 from defenses.clp import CLP, CLPError, channel_lipschitz, conv_bn_pairs
 from defenses.cutmix import CutMix, CutMixLoss
 from defenses.fineprune import (
@@ -61,8 +62,8 @@ def digits_model():
     ds = load_dataset("digits")
     trainer = Trainer(recipe=Recipe(epochs=2, batch_size=32, crop_padding=2))
     model = build_model("small_cnn", ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
-    torch.manual_seed(0)
-    trainer.fit(model, ds.train, seed=0)
+    torch.manual_seed(TEST_SEED)
+    trainer.fit(model, ds.train, seed=TEST_SEED)
     return ds, trainer, model
 
 
