@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -127,6 +127,24 @@ class AdvrBD(Defense):
     score_limit: int | None = None
     #: mini-batch size of the enhancement updates; None = the recipe's [ours]
     enhance_batch_size: int | None = None
+    #: "rounds" only: when a round's ascent on D_c stops.  "chance": once the guard sees f at
+    #: guard_acc (default 1/K) on the D_c probe, i.e. f predicts about one class [ours, earlier];
+    #: "budget": after unlearn_passes passes, only the CE guard against divergence applying, so f
+    #: degrades gradually over the rounds (the paper's Fig. 6: ACC falls, ASR rises, round by round)
+    ascent_stop: Literal["chance", "budget"] = "chance"
+    #: "rounds" only: "relearn_unlearn" (relearn D_p, then unlearn D_c: the round ends on an
+    #: unlearned f) [ours, earlier] or "unlearn_relearn" (the order the paper names: "unlearning the
+    #: selected clean samples and relearning the remaining poisoned dataset")
+    round_order: Literal["relearn_unlearn", "unlearn_relearn"] = "relearn_unlearn"
+    #: "rounds" only: the model that scores the next round's partition: "round_end" (f as the round
+    #: leaves it) [ours, earlier] or "after_relearn" (f right after the round's relearn phase, which
+    #: still ranks poison where an unlearned f may have collapsed onto one class)
+    score_model: Literal["round_end", "after_relearn"] = "round_end"
+    #: with score_limit: how many scored samples join D_c.  "count": ceil(partition_rate * N) among
+    #: the scored [ours, earlier: with score_limit 3,000 and a 4 % rate of 20,000 that is the top
+    #: 27 % of the scored, not the top 4 %]; "share": the top partition_rate share of the scored,
+    #: which keeps the partition's precision and grows D_c more slowly
+    score_limit_selects: Literal["count", "share"] = "count"
 
     # --- identification and clean model ---
     #: a sample f_e classifies as its label is "poisoned" only if p_y >= this; 0 = the paper's rule,
@@ -150,6 +168,9 @@ class AdvrBD(Defense):
     display_name = "AdvrBD"
 
     version = 4
+    #: parameters added after results were keyed, at the value that reproduces the earlier behaviour
+    LATER_FIELDS: ClassVar = {"ascent_stop": "chance", "round_order": "relearn_unlearn",
+                              "score_model": "round_end", "score_limit_selects": "count"}
 
     def __post_init__(self):
         super().__post_init__()

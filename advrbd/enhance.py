@@ -26,6 +26,16 @@ cross-entropy exceeds ``guard_loss`` (the logits are blowing up).  Checking by s
 by passes keeps the ascent's strength from growing with |D_c| (a pass over 3,200 samples is 25
 steps, over 54 samples one).  The round record says when the guard fired (``guard``) and why.
 
+Three choices of the rounds are named fields, each with the earlier behaviour as its default
+until the paper-grade measurements choose (see :class:`advrbd.AdvrBD`): ``ascent_stop``
+("chance", the guard's accuracy floor ends the ascent; "budget", ``unlearn_passes`` passes with
+only the CE guard, so f degrades gradually over the rounds as the paper's Fig. 6 shows),
+``round_order`` ("relearn_unlearn"; "unlearn_relearn", the order the paper names) and
+``score_model`` ("round_end"; "after_relearn", a snapshot of f taken after the relearn phase
+scores the next partition, since an unlearned f that predicts one class no longer ranks poison).
+With ``score_limit``, ``score_limit_selects="share"`` takes the top ``partition_rate`` share of the
+scored samples instead of ``ceil(partition_rate * N)`` of them.
+
 ``enhancement="joint"`` keeps the earlier reading as an option for comparison: one loss
 ``CE(D_p batch) - lam * mean(min(CE, ascent_cap) * [p_y > 1/K])`` on a D_c batch paired with every D_p
 batch, ``joint_epochs`` passes over D_p per round.  Its ascent switches off as soon as a D_c sample
@@ -41,6 +51,7 @@ poison share and the score distribution of the scored samples; nothing comes bac
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -86,6 +97,10 @@ class EnhanceConfig:
     stop_tol: float
     score_limit: int | None
     enhance_batch_size: int | None
+    ascent_stop: Literal["chance", "budget"]
+    round_order: Literal["relearn_unlearn", "unlearn_relearn"]
+    score_model: Literal["round_end", "after_relearn"]
+    score_limit_selects: Literal["count", "share"]
 
     def __post_init__(self):
         check_choices(self)
@@ -134,7 +149,8 @@ def _fit_stats(model, trainer: Trainer, data: ImageSet, idx: torch.Tensor) -> tu
 def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cfg: EnhanceConfig,
                   gen: torch.Generator, num_classes: int) -> dict:
     """Gradient ascent on ``d_c`` alone, at most ``cfg.unlearn_passes`` passes, no augmentation, with
-    the divergence guard checked every ``cfg.guard_every`` steps on a random probe of D_c."""
+    the divergence guard checked every ``cfg.guard_every`` steps on a random probe of D_c (with
+    ``cfg.ascent_stop == "budget"`` only its CE test: the accuracy floor does not end the ascent)."""
     bs = cfg.enhance_batch_size or trainer.recipe.for_tuning().batch_size
     opt = _sgd(model, trainer, cfg.unlearn_lr, cfg.unlearn_momentum)
     floor = cfg.guard_acc if cfg.guard_acc is not None else 1.0 / num_classes
@@ -153,9 +169,10 @@ def unlearn_phase(model, trainer: Trainer, data: ImageSet, d_c: torch.Tensor, cf
             model.eval()
             acc, ce = _fit_stats(model, trainer, data, probe)
             stats.update(unlearn_acc_dc=acc, unlearn_ce_dc=ce)
-            if acc <= floor or not ce <= cfg.guard_loss:  # `not <=` also catches NaN
+            at_floor = acc <= floor and cfg.ascent_stop == "chance"
+            if at_floor or not ce <= cfg.guard_loss:  # `not <=` also catches NaN
                 stats["guard"] = (f"acc(D_c) {acc:.3f} <= {floor:.3g} after {stats['unlearn_steps']} steps"
-                                  if acc <= floor else f"CE(D_c) {ce:.3g} > {cfg.guard_loss} after "
+                                  if at_floor else f"CE(D_c) {ce:.3g} > {cfg.guard_loss} after "
                                                        f"{stats['unlearn_steps']} steps")
                 return stats
     model.eval()
@@ -216,6 +233,7 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
     d_p = torch.arange(n_total)
     history: list[dict] = []
     prev_acc_p = None
+    scorer = model  # the model that scores the next partition (cfg.score_model)
 
     def show(t: int, logits: torch.Tensor):
         if obs.model is not None:
@@ -233,7 +251,10 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
         if len(d_p) == 0:
             break
         t0 = time.time()
-        selected, d_p, pstats, (scored, scores) = partition(model, data.x, d_p, n_round, score_cfg, trainer, gen,
+        n_select = n_round
+        if cfg.score_limit is not None and cfg.score_limit_selects == "share":
+            n_select = math.ceil(cfg.partition_rate * min(cfg.score_limit, len(d_p)))
+        selected, d_p, pstats, (scored, scores) = partition(scorer, data.x, d_p, n_select, score_cfg, trainer, gen,
                                                            cfg.score_limit, return_scores=True)
         d_c = torch.cat([d_c, selected]).sort().values
         if obs.scores is not None:
@@ -242,8 +263,13 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
             obs.flags(f"dc{t}", d_c)
         phase = {}
         if len(d_c) and len(d_p):
-            if cfg.enhancement == "rounds":
+            if cfg.enhancement == "rounds" and cfg.round_order == "unlearn_relearn":
+                phase.update(unlearn_phase(model, trainer, data, d_c, cfg, gen, num_classes))
                 phase.update(relearn_phase(model, trainer, data, d_p, cfg, gen))
+                scorer = model  # the round ends on its relearn
+            elif cfg.enhancement == "rounds":
+                phase.update(relearn_phase(model, trainer, data, d_p, cfg, gen))
+                scorer = copy.deepcopy(model) if cfg.score_model == "after_relearn" else model
                 phase.update(unlearn_phase(model, trainer, data, d_c, cfg, gen, num_classes))
             else:
                 opt = _sgd(model, trainer, cfg.joint_lr, cfg.unlearn_momentum)

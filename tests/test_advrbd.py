@@ -8,6 +8,7 @@ checks that :func:`calibrate_eps` finds it.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,76 @@ def test_configs_take_every_field_from_the_defense():
     assert d.enhance_config().rounds == 7 and d.score_config().eps == 0.1 and d.enhance_config().unlearn_lr == 1e-3
     with pytest.raises(ValueError, match="enhancement"):
         AdvrBD(enhancement="sideways")
+
+
+# --- the enhancement's named choices (issue: Fig. 6's gradual shape) --------------------------------
+
+def test_budget_ascent_runs_its_passes_where_chance_stops_early(backdoored):
+    """ascent_stop="budget": the accuracy floor does not end the ascent; every pass runs unless
+    the logits diverge (the CE guard still applies)."""
+    ds, poisoned, trainer, model = backdoored
+    d_c = torch.arange(64)
+    common = dict(**DIGITS, unlearn_lr=0.05, unlearn_passes=30, guard_every=1, guard_acc=0.2,
+                  guard_loss=float("inf"))
+    chance = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c,
+                           AdvrBD(**common).enhance_config(), torch.Generator().manual_seed(0), 10)
+    budget = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c,
+                           AdvrBD(**common, ascent_stop="budget").enhance_config(), torch.Generator().manual_seed(0), 10)
+    assert chance["guard"] and chance["unlearn_steps"] < 30
+    assert budget["guard"] is None and budget["unlearn_steps"] == 30
+
+
+def test_round_order_and_scoring_model_are_what_they_say(backdoored, monkeypatch):
+    import importlib
+
+    enh = importlib.import_module("advrbd.enhance")  # the module (the package exports a function of that name)
+
+    ds, poisoned, trainer, model = backdoored
+    calls = []
+    real_relearn, real_unlearn, real_partition = enh.relearn_phase, enh.unlearn_phase, enh.partition
+
+    def relearn(m, *a, **k):
+        calls.append(("relearn", id(m)))
+        return real_relearn(m, *a, **k)
+
+    def unlearn(m, *a, **k):
+        calls.append(("unlearn", id(m)))
+        return real_unlearn(m, *a, **k)
+
+    def part(m, *a, **k):
+        calls.append(("score", id(m)))
+        return real_partition(m, *a, **k)
+
+    monkeypatch.setattr(enh, "relearn_phase", relearn)
+    monkeypatch.setattr(enh, "unlearn_phase", unlearn)
+    monkeypatch.setattr(enh, "partition", part)
+    fast = dict(rounds=2, unlearn_passes=1, pgd_steps=1)
+    for over, phases in (({}, ["relearn", "unlearn"]), ({"round_order": "unlearn_relearn"}, ["unlearn", "relearn"])):
+        calls.clear()
+        f_e = _enhanced(backdoored, **fast, **over)[0]
+        assert [c for c, _ in calls if c != "score"] == phases * 2
+        assert {m for c, m in calls} == {id(f_e)}  # one model throughout: each round scores f as it ends
+    calls.clear()
+    f_e = _enhanced(backdoored, **fast, score_model="after_relearn")[0]
+    scorers = [m for c, m in calls if c == "score"]
+    assert scorers[0] == id(f_e) and scorers[1] != id(f_e)  # round 2 is scored by the snapshot after relearn
+
+
+def test_score_limit_share_keeps_the_partition_rate_of_what_was_scored(backdoored):
+    ds, poisoned, trainer, model = backdoored
+    n = len(poisoned.train)
+    rate, limit = 0.04, 200
+    count = _enhanced(backdoored, rounds=1, partition_rate=rate, score_limit=limit, pgd_steps=1, unlearn_passes=1)
+    share = _enhanced(backdoored, rounds=1, partition_rate=rate, score_limit=limit, pgd_steps=1, unlearn_passes=1,
+                      score_limit_selects="share")
+    assert len(count[1]) == math.ceil(rate * n)          # the earlier rule: the top 27 % of the scored
+    assert len(share[1]) == math.ceil(rate * limit)      # the top 4 % of the scored
+    assert count[3][0]["scored"] == share[3][0]["scored"] == limit
+
+
+def test_later_enhancement_choices_keep_earlier_cache_keys():
+    from bench.core.registry import params_of
+
+    keys = set(params_of(AdvrBD()))
+    assert not keys & {"ascent_stop", "round_order", "score_model", "score_limit_selects"}
+    assert params_of(AdvrBD(ascent_stop="budget"))["ascent_stop"] == "budget"
