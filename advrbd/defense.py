@@ -225,9 +225,10 @@ class AdvrBD(Defense):
             ctx.log.info("calibrated eps = %.4f (%s)", eps, calibration)
 
         t0 = time.time()
-        observer = Observer(model=ctx.observe, flags=ctx.observe_flags, scores=ctx.observe_scores)
+        observer = Observer(model=ctx.observe, flags=ctx.observe_flags, scores=ctx.observe_scores,
+                            save=ctx.observations_state, restore=ctx.restore_observations)
         f_e, d_c, _, rounds = enhance(model, data, trainer, k, score_cfg, self.enhance_config(), gen,
-                                      observer=observer, log=ctx.log,
+                                      observer=observer, log=ctx.log, checkpoint=ctx.checkpoint("enhance"),
                                       identify_rule=lambda logits, y: rule(logits, y, self.identify_min_confidence))
         timings["enhance_s"] = time.time() - t0
         diverged = [r for r in rounds if (r.get("guard") or "").startswith("CE")]
@@ -267,7 +268,8 @@ class AdvrBD(Defense):
             y_new = data.y.clone()
             y_new[flagged] = trainer.predict(f_c, data.x[flagged])
             f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=self.relearn_epochs, lr=self.relearn_lr,
-                              schedule="cosine", seed=ctx.seed_for("relearn"), recipe=trainer.recipe.for_tuning())
+                              schedule="cosine", seed=ctx.seed_for("relearn"), recipe=trainer.recipe.for_tuning(),
+                              checkpoint=ctx.checkpoint("relearn"))
             extra["relearn"] = f_r
             timings["relearn_s"] = time.time() - t0
             timings["relabel_changed"] = int((y_new[flagged] != data.y[flagged]).sum())

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from bench.core.data import ImageSet
 from bench.core.registry import check_choices
-from bench.core.trainer import Trainer
+from bench.core.trainer import Checkpoint, Trainer
 
 from .partition import partition
 from .score import ScoreConfig
@@ -211,21 +211,32 @@ def joint_epoch(model, trainer: Trainer, data: ImageSet, learn_idx: torch.Tensor
 
 
 class Observer:
-    """What the enhancement shows the harness (all optional; the defense gets nothing back)."""
+    """What the enhancement shows the harness (all optional; the defense gets nothing back).
+    ``save() -> state`` and ``restore(state)`` carry what was shown so far through a checkpoint."""
 
-    def __init__(self, model: Callable | None = None, flags: Callable | None = None, scores: Callable | None = None):
+    def __init__(self, model: Callable | None = None, flags: Callable | None = None, scores: Callable | None = None,
+                 save: Callable | None = None, restore: Callable | None = None):
         self.model, self.flags, self.scores = model, flags, scores
+        self.save, self.restore = save, restore
 
 
 def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg: ScoreConfig,
             cfg: EnhanceConfig, gen: torch.Generator, observer: Observer | None = None,
-            identify_rule: Callable | None = None, log=None) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[dict]]:
+            identify_rule: Callable | None = None, log=None,
+            checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[dict]]:
     """Run Algorithm 2 on ``model`` (in place).  Returns (f_e, D_c indices, D_p indices, rounds).
 
     ``identify_rule(logits, labels) -> bool mask of declared-poisoned samples`` is applied to f's
     logits on D after every round (and at round 0) only to show the harness what identification
     would flag if the enhancement stopped there; the logits are computed for the round's record
-    anyway, so this costs nothing extra."""
+    anyway, so this costs nothing extra.
+
+    With a ``checkpoint``, the state after a round (f, the scoring model, D_c, D_p, the records,
+    the generator and what the observer was shown) is written when the checkpoint is due and
+    always after the last round; a rerun with the same checkpoint continues after the last saved
+    round and gives what an uninterrupted run gives.  The file is left in place (the harness
+    removes a cell's checkpoints once its result is saved), so a cell killed in a later phase does
+    not run the enhancement again."""
     obs = observer or Observer()
     n_total = len(data)
     n_round = math.ceil(cfg.partition_rate * n_total)
@@ -245,9 +256,26 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
             obs.flags(f"identify{t}", flagged.nonzero().squeeze(1))
         return torch.bincount(data.y[flagged], minlength=num_classes).tolist()
 
-    if obs.model is not None or obs.flags is not None:
+    first = 1
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        scorer = model
+        if state["scorer"] is not None:
+            scorer = copy.deepcopy(model)
+            scorer.load_state_dict(state["scorer"])
+        d_c, d_p, history, prev_acc_p = state["d_c"], state["d_p"], state["history"], state["prev_acc_p"]
+        gen.set_state(state["gen"])
+        if obs.restore is not None:
+            obs.restore(state["observed"])
+        first = state["round"] + 1
+        if log is not None:
+            log.info("enhancement resumed after round %d of %d", state["round"], cfg.rounds)
+    elif obs.model is not None or obs.flags is not None:
         show(0, trainer.logits(model, data.x))
-    for t in range(1, cfg.rounds + 1):
+    for t in range(first, cfg.rounds + 1):
+        if state is not None and state.get("done"):
+            break
         if len(d_p) == 0:
             break
         t0 = time.time()
@@ -293,10 +321,18 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
         per_class = show(t, logits)
         if per_class is not None:
             rec["flagged_per_class"] = per_class
+        stop = False
         if cfg.enhancement == "joint":  # the joint variant's early stop (the rounds variant runs T rounds)
             if (acc_c < 1.0 / num_classes + cfg.stop_margin and prev_acc_p is not None
                     and abs(acc_p - prev_acc_p) < cfg.stop_tol):
-                rec["early_stop"] = True
-                break
+                rec["early_stop"] = stop = True
         prev_acc_p = acc_p
+        last = stop or t == cfg.rounds or len(d_p) == 0
+        if checkpoint is not None and (last or checkpoint.due()):
+            checkpoint.save({"round": t, "done": last, "model": model.state_dict(),
+                             "scorer": None if scorer is model else scorer.state_dict(),
+                             "d_c": d_c, "d_p": d_p, "history": history, "prev_acc_p": prev_acc_p,
+                             "gen": gen.get_state(), "observed": obs.save() if obs.save is not None else None})
+        if stop:
+            break
     return model, d_c, d_p, history

@@ -391,7 +391,10 @@ class Runner:
         for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
             log.info("%s: %s", ev.key, cell.label)
             row[ev.key] = ev.evaluate(out.model, ds.test, ds.num_classes, eval_trainer, seed=cell.seed).summary()
-        return self.store.save_result(self.result_path(cell), row)
+        saved = self.store.save_result(self.result_path(cell), row)
+        for phase in (self.store.root / "partial").glob(f"cell-{digest(cell.result_ident())}-*.pt"):
+            phase.unlink(missing_ok=True)  # the defense's phase checkpoints (ctx.checkpoint), now obsolete
+        return saved
 
     def evaluate_observations(self, cell: Cell, recorded: Observations, trainer: Trainer, poisoned: PoisonedSet,
                               trig: TriggeredTest) -> list[dict]:

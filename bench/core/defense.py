@@ -86,6 +86,20 @@ class Observations:
         self.items.append(("scores", tag, (torch.as_tensor(indices, dtype=torch.long).detach().cpu().clone(),
                                            torch.as_tensor(scores).detach().float().cpu().clone())))
 
+    def state(self) -> list:
+        """The record as tensors and plain values (a model as its state dict), for a checkpoint."""
+        return [[kind, tag, payload.state_dict() if kind == "model" else payload] for kind, tag, payload in self.items]
+
+    def restore(self, state: list, make_model: Callable[[], nn.Module]) -> None:
+        """Replace the record by one :meth:`state` wrote; models are rebuilt with ``make_model``."""
+        self.items = []
+        for kind, tag, payload in state:
+            if kind == "model":
+                model = make_model().cpu()
+                model.load_state_dict(payload)
+                payload = model.eval()
+            self.items.append((kind, tag, tuple(payload) if kind == "scores" else payload))
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -159,6 +173,15 @@ class DefenseContext:
         """Record how well a per-sample score separates poison (low) from clean (high) samples."""
         if self._observations is not None:
             self._observations.scores(tag, indices, scores)
+
+    def observations_state(self) -> list | None:
+        """What was observed so far, for a defense's own checkpoint of a phase that observes (restore
+        it with :meth:`restore_observations` when that phase resumes)."""
+        return None if self._observations is None else self._observations.state()
+
+    def restore_observations(self, state: list | None) -> None:
+        if self._observations is not None and state is not None:
+            self._observations.restore(state, self.make_model)
 
 
 @dataclass
