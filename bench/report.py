@@ -307,6 +307,10 @@ def build_sections(rows: list[dict]) -> list[Section]:
         if nat is not None:
             tables.append(nat)
 
+        per_round = rounds_table(cells)
+        if per_round is not None:
+            tables.append(per_round)
+
         ratings = ratings_table(dataset, model, cells)
         if ratings is not None:
             tables.append(ratings)
@@ -325,6 +329,37 @@ def build_sections(rows: list[dict]) -> list[Section]:
                             "the backdoored model's training is shared and not included"))
         sections.append(Section(f"{dataset} / {model}", tables))
     return sections
+
+
+def rounds_table(cells) -> Table | None:
+    """Per round of a defense that observed its intermediate models round by round (AdvrBD's
+    ``round<t>``, ``identify<t>``, ``dc<t>`` and ``score<t>``; the paper's Fig. 6 as numbers): f's
+    ACC and ASR after the round, identification TPR/FPR had the enhancement stopped there, the
+    poison share of D_c and the AUROC of the round's scores (low score = poison)."""
+    rows = []
+    for (a, d), rs in cells.items():
+        for r in sorted(rs, key=lambda r: r.get("seed", 0)):
+            obs = {o["tag"]: o for o in r.get("observations") or []}
+            ts = sorted(int(tag[5:]) for tag, o in obs.items() if tag.startswith("round") and tag[5:].isdigit()
+                        and "kind" not in o)
+            if len(ts) < 2 or not any(f"identify{t}" in obs for t in ts):
+                continue
+            for t in ts:
+                f, ident, dc, sc = (obs.get(f"{p}{t}", {}) for p in ("round", "identify", "dc", "score"))
+                share = dc["precision"] if dc.get("flagged") else None  # the poisoned share of D_c
+                rows.append([a, d, str(r.get("seed", "")), str(t), pct([f.get("acc")]), pct([f.get("asr")]),
+                             pct([ident.get("tpr")]), pct([ident.get("fpr")]),
+                             pct([share]) if share is not None else "–",
+                             f"{sc['auroc']:.2f}" if sc.get("auroc") is not None else "–"])
+    if not rows:
+        return None
+    return Table("Intermediate models per round (%): the enhancement's course, the AdvrBD paper's Fig. 6",
+                 ["Attack", "Defense", "seed", "round", "f ACC", "f ASR", "TPR if stopped", "FPR if stopped",
+                  "D_c poison share", "score AUROC"], rows,
+                 "f: the enhanced model after the round (round 0: the start model); TPR/FPR: what identification "
+                 "would flag had the enhancement stopped after this round; D_c poison share: poisoned samples among "
+                 "those set aside as clean so far; score AUROC: how well the round's robustness scores rank poison "
+                 "below clean samples (0.5: chance)")
 
 
 def ratings_table(dataset: str, model: str, cells) -> Table | None:

@@ -117,3 +117,28 @@ def test_an_average_over_fewer_attacks_says_so_and_bold_is_explained():
     assert "Average (k of n)" in main.note and "bold: the lowest ASR" in main.note
     complete = build_sections(rows[:4])[0].tables[0]
     assert "(k of n)" not in complete.note and "of 2" not in " ".join(complete.rows[-1])
+
+
+def test_round_table_follows_the_enhancement_round_by_round():
+    def obs(t, acc, asr, tpr=None, fpr=None, share=None, auroc=None):
+        out = [{"tag": f"round{t}", "acc": acc, "asr": asr}]
+        if tpr is not None:
+            out.append({"tag": f"identify{t}", "kind": "flags", "tpr": tpr, "fpr": fpr, "precision": 0.5, "flagged": 9})
+        if share is not None:
+            out.append({"tag": f"dc{t}", "kind": "flags", "tpr": 0.0, "fpr": 0.1, "precision": share, "flagged": 4})
+        if auroc is not None:
+            out.append({"tag": f"score{t}", "kind": "scores", "auroc": auroc})
+        return out
+
+    course = obs(0, 0.9, 0.95, 1.0, 0.9) + obs(1, 0.6, 0.97, 0.99, 0.55, 0.0, 0.81) + obs(2, 0.3, 0.98, 0.98, 0.2, 0.025, 0.74)
+    rows = [_row("BadNet", "AdvrBD", 0.8, 0.02, observations=course),
+            _row("BadNet", "No Defense", 0.9, 0.95),
+            # a defense with two observed models but no per-round identification has no rows here
+            _row("BadNet", "NONE", 0.9, 0.05, observations=[{"tag": "round0", "acc": 0.9, "asr": 0.9},
+                                                             {"tag": "round1", "acc": 0.9, "asr": 0.1}])]
+    [section] = build_sections(rows)
+    table = next(t for t in section.tables if "per round" in t.caption)
+    assert table.rows == [["BadNet", "AdvrBD", "0", "0", "90.0", "95.0", "100.0", "90.0", "–", "–"],
+                          ["BadNet", "AdvrBD", "0", "1", "60.0", "97.0", "99.0", "55.0", "0.0", "0.81"],
+                          ["BadNet", "AdvrBD", "0", "2", "30.0", "98.0", "98.0", "20.0", "2.5", "0.74"]]
+    assert not any("per round" in t.caption for t in build_sections(rows[1:])[0].tables)
