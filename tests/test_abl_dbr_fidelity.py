@@ -29,6 +29,7 @@ from bench.core.data import ImageSet, load_dataset
 from bench.core.defense import DefenseContext
 from bench.core.models import small_cnn
 from bench.core.trainer import Recipe, Trainer
+from conftest import TEST_SEED
 from defenses.abl import ABL
 from defenses.dbr import DBR
 
@@ -262,7 +263,6 @@ def test_abl_backdoorbench_preset():
 # --- mechanisms at toy scale ------------------------------------------------------------------------
 
 def _digits_badnet(patch, seed=0):
-    torch.set_num_threads(1)
     ds = load_dataset("digits")
     attack = BadNet(target=1, patch_size=patch, style="checker")
     poisoned = attack.poison(ds.train, seed=seed)
@@ -277,7 +277,7 @@ def _digits_badnet(patch, seed=0):
 
 
 @pytest.mark.slow
-def test_abl_isolation_ranks_poison_low_when_the_backdoor_is_learned_first():
+def test_abl_isolation_ranks_poison_low_when_the_backdoor_is_learned_first(threshold):
     """ABL's premise is that the poison is learned before the clean task.  On 16x16 digits the
     default 2x2 BadNet patch is learned *after* the digits (poison median loss 1.7-4.9 against
     0.05-0.2 for clean samples over 10 isolation epochs; isolation precision 0.0), so the premise
@@ -288,28 +288,33 @@ def test_abl_isolation_ranks_poison_low_when_the_backdoor_is_learned_first():
     isolation schedule (20 epochs at lr 0.01, no augmentation), seeds 0-2, measured: precision of
     the lowest 1 % 0.00 / 0.23 / 0.85 and AUROC of -loss 0.45 / 0.74 / 0.93 (with the isolation's
     data order drawn from its own named stream); the same cells with the cell seed as the data
-    order gave 0.92 / 0.00 / 0.62 and 0.87 / 0.89 / 0.87.  So the test asks for the median AUROC
-    over three seeds, not for one run's precision."""
+    order gave 0.92 / 0.00 / 0.62 and 0.87 / 0.89 / 0.87.  Per draw (seeds 0-6, this test's
+    setting), AUROC at 1 thread 0.49 0.89 0.82 1.00 0.91 0.79 0.96 and at 2 threads 0.51 0.17 0.78
+    0.99 0.96 0.44 1.00: a third of the draws at 2 threads are at or below chance, so the median of
+    three draws fell to 0.51 (seeds 0-2, 2 threads).  The test asks for the median AUROC over five
+    draws (seeds s..s+4, s = 0, 1, 2 at 1 and 2 threads: 0.78 to 0.96) against 0.7, not for one
+    run's precision."""
     aurocs = []
-    for seed in (0, 1, 2):
+    for seed in range(TEST_SEED, TEST_SEED + 5):
         ctx, is_poison = _digits_badnet(patch=6, seed=seed)
         abl = ABL(preset="backdoorbench")
         isolated, losses = abl.isolate(ctx, abl.isolation_model(ctx))
         assert len(isolated) == int(0.01 * len(is_poison))
         aurocs.append(roc_auc_score(is_poison.numpy(), -losses.numpy()))
-    assert sorted(aurocs)[1] >= 0.7, aurocs
+    threshold("median AUROC of 5 draws", sorted(aurocs)[2], ">=", 0.7)
 
 
 @pytest.mark.slow
-def test_dbr_fct_separates_poison_with_the_reference_schedule():
+def test_dbr_fct_separates_poison_with_the_reference_schedule(threshold):
     """The reference schedule (2 no-augmentation epochs at lr 0.01, 10 intra-class epochs, tau =
     rotation + translation) on digits with a 6x6 checker patch that the SD model learns in its
-    42 steps: the FCT ranks poison high (measured AUROC 0.87, TPR 0.69 at the alpha_p = 5 %
-    split; the 2x2 patch is not learned in 42 steps and gives AUROC 0.42, chance)."""
-    ctx, is_poison = _digits_badnet(patch=6)
+    42 steps: the FCT ranks poison high (the 2x2 patch is not learned in 42 steps and gives AUROC
+    0.42, chance).  Measured over seeds 0-2 at 1 and 2 threads: AUROC 0.82-0.92, TPR 0.66-0.78 at
+    the alpha_p = 5 % split, poison share of the clean split 0.0-0.022; bounds 0.75, 0.5, 0.05."""
+    ctx, is_poison = _digits_badnet(patch=6, seed=TEST_SEED)
     dbr = DBR()
     delta = dbr.fct(ctx, dbr.sd_model(ctx))
-    assert roc_auc_score(is_poison.numpy(), delta.numpy()) >= 0.8
+    threshold("AUROC", roc_auc_score(is_poison.numpy(), delta.numpy()), ">=", 0.75)
     clean, poison = dbr.split(delta)
-    assert is_poison[poison].float().sum() / is_poison.sum() >= 0.5
-    assert is_poison[clean].float().mean() <= 0.05
+    threshold("TPR of the poison split", is_poison[poison].float().sum() / is_poison.sum(), ">=", 0.5)
+    threshold("poison share of the clean split", is_poison[clean].float().mean(), "<=", 0.05)

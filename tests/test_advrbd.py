@@ -47,7 +47,6 @@ DIGITS_SCORE = AdvrBD(**DIGITS).score_config()
 
 @pytest.fixture(scope="module")
 def backdoored():
-    torch.set_num_threads(1)
     ds = load_dataset("digits")
     poisoned = ATTACKS.get("badnet")(poison_ratio=0.05).poison(ds.train, seed=TEST_SEED)
     trainer = Trainer(recipe=RECIPE)
@@ -79,16 +78,17 @@ def test_pgd_respects_eps_and_mask():
 
 
 @pytest.mark.slow
-def test_score_ranks_poison_as_robust(backdoored):
+def test_score_ranks_poison_as_robust(backdoored, threshold):
+    """Measured over seeds 0-2 at 1 and 2 threads: AUROC 0.83-0.97; bound 0.75."""
     ds, poisoned, trainer, model = backdoored
     scores = robustness_scores(model, poisoned.train.x, DIGITS_SCORE, trainer, torch.Generator().manual_seed(0))
     assert scores.shape == (len(poisoned.train),)
     # low score = robust = poisoned
     auroc = roc_auc_score(poisoned.is_poison.numpy(), (-scores).numpy())
-    assert auroc >= 0.8, auroc
+    threshold("AUROC", auroc, ">=", 0.75)
 
 
-def _enhanced(backdoored, **over):
+def _enhanced(backdoored, draw=1, **over):
     ds, poisoned, trainer, model = backdoored
     import copy
 
@@ -97,44 +97,57 @@ def _enhanced(backdoored, **over):
     obs = Observer(model=lambda t, m: seen.append(t), flags=lambda t, idx: seen.append(t),
                    scores=lambda t, idx, s: seen.append(t))
     out = enhance(copy.deepcopy(model), poisoned.train, trainer, ds.num_classes, d.score_config(),
-                  d.enhance_config(), torch.Generator().manual_seed(1), observer=obs,
+                  d.enhance_config(), torch.Generator().manual_seed(draw), observer=obs,
                   identify_rule=lambda logits, y: rule(logits, y))
     return (*out, seen)
 
 
 @pytest.mark.slow
-def test_enhancement_keeps_backdoor_and_collapses_clean_accuracy(backdoored):
+def test_enhancement_keeps_backdoor_and_collapses_clean_accuracy(backdoored, threshold):
     """The paper's rounds (relearn D_p, then plain ascent on D_c): f_e keeps the backdoor while it
-    misclassifies the clean samples it was never asked to unlearn, so its mistakes identify them."""
+    misclassifies the clean samples it was never asked to unlearn, so its mistakes identify them.
+
+    Over three draws of the enhancement, medians.  Measured with one draw (seeds 0-2 x 1-2
+    threads): f_e ASR 1.0, ACC on clean D_p 0.12-0.18, TPR 1.0, FPR 0.12-0.17; D_c's poison share
+    0.0 in four runs, 0.006, 0.025 and 0.049 in the others: one draw's partition can sit at the
+    5 % base rate, so every statistic is asserted for the median draw.  The medians of three
+    draws (seeds 0-2 x 1-2 threads): ASR 1.0, ACC on clean D_p 0.13-0.25, TPR 1.0, FPR 0.12-0.23,
+    poison share 0.0-0.006.  Bounds: ASR 0.9, ACC 0.35, TPR 0.9, FPR 0.3, share 0.05."""
     ds, poisoned, trainer, _ = backdoored
-    f_e, d_c, d_p, hist, seen = _enhanced(backdoored)
-    assert len(hist) == 3 and hist[-1]["size_dc"] == len(d_c)
-    assert len(d_c) + len(d_p) == len(poisoned.train) and not set(d_c.tolist()) & set(d_p.tolist())
     atk = ATTACKS.get("badnet")(poison_ratio=0.05)
     trig = atk.test_set(ds.test)
-    asr = (trainer.predict(f_e, trig.x)[trig.counts] == trig.target).float().mean()
-    assert asr >= 0.9, asr
-    clean_dp = d_p[~poisoned.is_poison[d_p]]
-    acc_clean_dp = (trainer.predict(f_e, poisoned.train.x[clean_dp]) == poisoned.train.y[clean_dp]).float().mean()
-    assert acc_clean_dp < 0.3, acc_clean_dp
-    flagged = rule(trainer.logits(f_e, poisoned.train.x), poisoned.train.y).nonzero().squeeze(1)
-    det = metrics.detection(flagged, poisoned.is_poison)
-    assert det["tpr"] >= 0.9 and det["fpr"] <= 0.25, det
-    # D_c is mostly clean: partition precision beats the base rate
-    assert poisoned.is_poison[d_c].float().mean() < 0.05
-    # the harness saw a round-0 point and every round's model, identification, D_c and scores
-    assert {"round0", "identify0", "round3", "identify3", "dc1", "dc3", "score1", "score3"} <= set(seen)
+    stats = []
+    for draw in (1, 2, 3):
+        f_e, d_c, d_p, hist, seen = _enhanced(backdoored, draw=draw)
+        assert len(hist) == 3 and hist[-1]["size_dc"] == len(d_c)
+        assert len(d_c) + len(d_p) == len(poisoned.train) and not set(d_c.tolist()) & set(d_p.tolist())
+        # the harness saw a round-0 point and every round's model, identification, D_c and scores
+        assert {"round0", "identify0", "round3", "identify3", "dc1", "dc3", "score1", "score3"} <= set(seen)
+        asr = (trainer.predict(f_e, trig.x)[trig.counts] == trig.target).float().mean()
+        clean_dp = d_p[~poisoned.is_poison[d_p]]
+        acc_clean_dp = (trainer.predict(f_e, poisoned.train.x[clean_dp]) == poisoned.train.y[clean_dp]).float().mean()
+        flagged = rule(trainer.logits(f_e, poisoned.train.x), poisoned.train.y).nonzero().squeeze(1)
+        det = metrics.detection(flagged, poisoned.is_poison)
+        stats.append({"asr": float(asr), "acc": float(acc_clean_dp), "tpr": det["tpr"], "fpr": det["fpr"],
+                      "share": float(poisoned.is_poison[d_c].float().mean())})
+    median = {k: sorted(s[k] for s in stats)[1] for k in stats[0]}
+    threshold("median f_e ASR", median["asr"], ">=", 0.9)
+    threshold("median f_e ACC on clean D_p", median["acc"], "<", 0.35)
+    threshold("median TPR", median["tpr"], ">=", 0.9)
+    threshold("median FPR", median["fpr"], "<=", 0.3)
+    # D_c is mostly clean: partition precision beats the 5 % base rate
+    threshold("median poison share of D_c", median["share"], "<", 0.05)
 
 
 @pytest.mark.slow
-def test_joint_enhancement_keeps_clean_accuracy(backdoored):
+def test_joint_enhancement_keeps_clean_accuracy(backdoored, threshold):
     """The earlier joint reading, kept as an option: its capped, switching-off ascent leaves most
     clean samples correctly classified, which is why the paper's rule then flags most clean data."""
     ds, poisoned, trainer, _ = backdoored
     f_e, d_c, d_p, hist, _ = _enhanced(backdoored, enhancement="joint")
     clean_dp = d_p[~poisoned.is_poison[d_p]]
     acc_clean_dp = (trainer.predict(f_e, poisoned.train.x[clean_dp]) == poisoned.train.y[clean_dp]).float().mean()
-    assert acc_clean_dp > 0.5, acc_clean_dp
+    threshold("f_e ACC on clean D_p", acc_clean_dp, ">", 0.5)
     assert all("ascent_active" in r for r in hist)
 
 
@@ -167,12 +180,13 @@ def test_divergence_guard_fires_on_a_constructed_collapse(backdoored):
 
 
 @pytest.mark.slow
-def test_calibration_finds_digits_eps(backdoored):
+def test_calibration_finds_digits_eps(backdoored, threshold):
     ds, poisoned, trainer, model = backdoored
     eps, table = calibrate_eps(model, poisoned.train.x[:300], DIGITS_SCORE, trainer,
                                torch.Generator().manual_seed(0), (16 / 255, 64 / 255))
     assert eps == 64 / 255
-    assert table[0][1] < 0.2 < table[1][1]  # 16/255 flips almost nothing on digits
+    threshold("flip rate at 16/255", table[0][1], "<", 0.2)  # 16/255 flips almost nothing on digits
+    threshold("flip rate at 64/255", table[1][1], ">", 0.2)
 
 
 def _run(tmp_path, poison_ratio, train_limit=None, epochs=10, rounds=3):
@@ -187,11 +201,10 @@ def _run(tmp_path, poison_ratio, train_limit=None, epochs=10, rounds=3):
 
 
 @pytest.mark.slow
-def test_end_to_end_no_poison(tmp_path):
-    torch.set_num_threads(1)
+def test_end_to_end_no_poison(tmp_path, threshold):
     row = _run(tmp_path, 0.0)
     assert row["n_poison"] == 0 and row["defense_name"].startswith("AdvrBD")
-    assert row["acc"] > 0.3  # a working classifier (chance is 0.1), trained on what was kept
+    threshold("ACC", row["acc"], ">", 0.3)  # a working classifier (chance is 0.1), trained on what was kept
     models = [o["tag"] for o in row["observations"] if "kind" not in o]
     assert models[:2] == ["round0", "round1"] and len(models) == 4
     assert 0 < row["info"]["n_clean"] < row["n_train"] and row["detection"]["flagged"] == row["info"]["n_flagged"]
@@ -199,11 +212,11 @@ def test_end_to_end_no_poison(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_badnet(tmp_path):
+def test_end_to_end_badnet(tmp_path, threshold):
     """The whole pipeline through the runner: the result's structure and its diagnostics agree."""
-    torch.set_num_threads(1)
     row = _run(tmp_path, 0.05, rounds=1)
-    assert row["backdoor"]["asr"] > 0.5  # the attack worked on the undefended model
+    assert not list((tmp_path / "runs" / "partial").glob("cell-*"))  # the enhancement's checkpoint went with the cell
+    threshold("undefended ASR", row["backdoor"]["asr"], ">", 0.5)  # the attack worked on the undefended model
     assert len(row["recall"]) == 10 and row["target_recall"] == row["recall"][1]
     rounds = row["info"]["rounds"]
     assert rounds and all({"size_dc", "acc_dc", "acc_dp", "pred_hist", "flagged_per_class"} <= set(r) for r in rounds)
@@ -214,7 +227,7 @@ def test_end_to_end_badnet(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_round_removes_badnet_for_most_draws_of_the_enhancement(backdoored):
+def test_one_round_removes_badnet_for_most_draws_of_the_enhancement(backdoored, threshold):
     """AdvrBD's outcome on digits depends on the enhancement's random draw (patch masks, PGD
     starts, batch order).  Measured on the runner's digits cell (BadNet 5 %, small CNN, eps 64/255,
     partition 4 %), over draws of the enhancement's stream: with one round, identification TPR
@@ -238,7 +251,8 @@ def test_one_round_removes_badnet_for_most_draws_of_the_enhancement(backdoored):
         flagged[out.flagged] = True
         tprs.append(float(flagged[poisoned.is_poison].float().mean()))
         asrs.append(evaluate(trainer, out.model, ds.test, trig, 10)["asr"])
-    assert sorted(tprs)[1] >= 0.8 and sorted(asrs)[1] <= 0.1, (tprs, asrs)
+    threshold("median TPR of 3 draws", sorted(tprs)[1], ">=", 0.8)
+    threshold("median ASR of 3 draws", sorted(asrs)[1], "<=", 0.1)
 
 
 @pytest.mark.parametrize("name", ["advrbd-partition-rate", "advrbd-poison-ratio", "advrbd-architectures",
@@ -349,3 +363,61 @@ def test_later_enhancement_choices_keep_earlier_cache_keys():
     keys = set(params_of(AdvrBD()))
     assert not keys & {"ascent_stop", "round_order", "score_model", "score_limit_selects"}
     assert params_of(AdvrBD(ascent_stop="budget"))["ascent_stop"] == "budget"
+
+
+@pytest.mark.slow
+def test_enhancement_killed_after_a_round_resumes_to_the_same_result(backdoored, tmp_path):
+    """A cell killed during round 3 of 3 continues from round 2's checkpoint: the same f_e, D_c,
+    round records (but their timings) and observations as an uninterrupted run, and the rounds
+    before the kill are not run again.  The checkpoint stays after the enhancement (a kill in a
+    later phase does not repeat it) and the harness removes it with the cell's other phases."""
+    from bench.core.defense import Observations
+    from bench.core.trainer import Checkpoint
+
+    ds, poisoned, _, model = backdoored
+    trainer = Trainer(recipe=Recipe(epochs=1, batch_size=64, lr=0.05, crop_padding=0))  # a short clean model
+    # scoring after the relearn: the checkpoint carries a second model
+    defense = AdvrBD(**DIGITS, rounds=3, partition_rate=0.04, relearn=False, score_model="after_relearn")
+
+    class Killed(Exception):
+        pass
+
+    def run(ckpt_dir=None, kill_at=None):
+        seen, shown = Observations(), []
+
+        def make():
+            torch.manual_seed(TEST_SEED)
+            return trainer.prepare(build_model("small_cnn", ds.channels, ds.num_classes, ds.mean, ds.std, ds.size))
+
+        ctx = DefenseContext(train=poisoned.train, num_classes=10, make_model=make, trainer=trainer, seed=TEST_SEED,
+                             _backdoored=lambda: copy.deepcopy(model), _observations=seen,
+                             _checkpoints=Checkpoint(ckpt_dir / "cell.pt", every_s=0) if ckpt_dir else None)
+        def model_seen(tag, m, record=seen.model):
+            if tag == kill_at:
+                raise Killed
+            shown.append(tag)
+            record(tag, m)
+
+        seen.model = model_seen
+        return defense.run(ctx), seen, shown
+
+    ref, ref_seen, _ = run()
+    with pytest.raises(Killed):
+        run(tmp_path, kill_at="round3")
+    assert (tmp_path / "cell-enhance.pt").exists()
+    out, seen, shown = run(tmp_path)
+    assert shown == ["round3"]  # rounds 1 and 2 were not run again
+    rounds = lambda o: [{k: v for k, v in r.items() if k != "seconds"} for r in o.info["rounds"]]
+    assert rounds(out) == rounds(ref) and len(rounds(out)) == 3
+    assert torch.equal(out.flagged, ref.flagged)
+    assert [(kind, tag) for kind, tag, _ in seen.items] == [(kind, tag) for kind, tag, _ in ref_seen.items]
+    for (kind, tag, a), (_, _, b) in zip(seen.items, ref_seen.items):
+        if kind == "model":
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), tag
+        elif kind == "flags":
+            assert torch.equal(a, b), tag
+    for a, b in zip(out.model.state_dict().values(), ref.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (tmp_path / "cell-enhance.pt").exists()
+    again, _, shown = run(tmp_path)  # a kill after the enhancement: it is not run again
+    assert shown == [] and torch.equal(again.flagged, ref.flagged)

@@ -35,7 +35,6 @@ TARGET = 1
 
 @pytest.fixture(scope="module")
 def toy():
-    torch.set_num_threads(1)
     ds = load_dataset("digits")
     attack = BadNet(target=TARGET)
     poisoned = attack.poison(ds.train, seed=TEST_SEED)
@@ -99,7 +98,7 @@ def test_abl_lga_modes_differ():
 # --- DBR --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_dbr_fct_ranks_poison_higher(toy):
+def test_dbr_fct_ranks_poison_higher(toy, threshold):
     """The SD model must learn the backdoor: on 1,347 digits the authors' 2 epochs at lr 0.01 are ~40
     steps, so the toy trains it longer.  tau = translation only: a +-180 degree rotation of a 16 px
     digit moves clean features as much as poisoned ones.
@@ -112,11 +111,11 @@ def test_dbr_fct_ranks_poison_higher(toy):
     ctx, _, is_poison = toy
     dbr = DBR(sd_epochs=8, sd_lr=0.05, intra_epochs=2, transforms=("affine",))
     aurocs, deltas = [], []
-    for seed in range(3):
+    for seed in (TEST_SEED, TEST_SEED + 1, TEST_SEED + 2):
         draw = dataclasses.replace(ctx, seed=seed)
         deltas.append(dbr.fct(draw, dbr.sd_model(draw)))
         aurocs.append(roc_auc_score(is_poison.numpy(), deltas[-1].numpy()))
-    assert sorted(aurocs)[1] >= 0.6, aurocs
+    threshold("median AUROC of 3 draws", sorted(aurocs)[1], ">=", 0.6)
     delta = deltas[0]
     clean, poison = dbr.split(delta)
     # the authors' thresholds: delta <= s[floor(0.2 N)] is clean (one more than floor(0.2 N) without ties)
@@ -199,13 +198,13 @@ class _NoFeatures:
 # --- NONE -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_none_flags_mostly_poison(toy):
+def test_none_flags_mostly_poison(toy, threshold):
     ctx, model, is_poison = toy
     det = NONE().detect(ctx, model)
     flagged = det["flagged"]
     assert len(flagged) > 0
-    assert is_poison[flagged].float().mean().item() >= 0.8
-    assert is_poison[flagged].sum() >= 0.5 * is_poison.sum()
+    threshold("precision", is_poison[flagged].float().mean(), ">=", 0.8)
+    threshold("recall", is_poison[flagged].float().sum() / is_poison.sum(), ">=", 0.5)
     # per monitored conv (all six of the small CNN), ceil(3%) channels are selected
     units = monitored_units(model)
     assert len(units) == 6 and list(det["selected"]) == [u.name for u in units]
@@ -231,7 +230,6 @@ def test_none_reset_zeroes_channel_and_consumer(toy):
 
 @pytest.mark.slow
 def test_end_to_end_through_runner(tmp_path):
-    torch.set_num_threads(1)
     raw = {"name": "detect", "datasets": [{"name": "digits", "train_limit": 300, "test_limit": 100}],
            "models": ["small_cnn"], "recipe": {"epochs": 2, "batch_size": 64, "crop_padding": 2},
            "attacks": ["badnet"],

@@ -13,7 +13,7 @@ from bench.core.models import build_model, interface_problems
 from bench.core.registry import ConfigError
 from bench.core.trainer import RECIPE_PRESETS, Checkpoint, Recipe, Trainer, resolve_precision
 from bench.matrix import parse_matrix
-from conftest import REPO, matrix_dict
+from conftest import REPO, TEST_SEED, matrix_dict
 
 
 def _images(n=400, size=16, seed=0):
@@ -221,15 +221,17 @@ def test_reflect_padding_crop_is_a_window_of_the_reflected_image():
         assert any(torch.equal(out[b], xp[b, :, i:i + 6, j:j + 6]) for i in range(5) for j in range(5))
 
 
-def test_fast_recipe_trains_and_a_killed_training_resumes_to_the_same_weights(tmp_path):
-    """Lookahead, alternate flips, the stem bias freeze and BN-bias groups survive a checkpoint."""
+def test_fast_recipe_trains_and_a_killed_training_resumes_to_the_same_weights(tmp_path, threshold):
+    """Lookahead, alternate flips, the stem bias freeze and BN-bias groups survive a checkpoint.
+    The uninterrupted training learns the toy task: training ACC 0.82-0.86 over seeds 0-2 at 1 and
+    2 threads; bound 0.75."""
     x = _images(n=256)
     y = (x.float().mean(dim=(1, 2, 3)) > x.float().mean()).long()
     data = ImageSet(x, y)
     recipe = Recipe.preset("fast", epochs=4, batch_size=64, lr=0.4, precision="fp32")
 
     def train(stop_after=None, path=None):
-        torch.manual_seed(0)
+        torch.manual_seed(TEST_SEED)
         model = build_model("fastnet", 3, 2, (0.5,) * 3, (0.25,) * 3, 16)
         ckpt = Checkpoint(path, every_s=0) if path else None
 
@@ -237,10 +239,10 @@ def test_fast_recipe_trains_and_a_killed_training_resumes_to_the_same_weights(tm
             if stop_after is not None and epoch == stop_after:
                 raise KeyboardInterrupt
 
-        return Trainer(recipe=recipe).fit(model, data, seed=0, checkpoint=ckpt, on_epoch=on_epoch)
+        return Trainer(recipe=recipe).fit(model, data, seed=TEST_SEED, checkpoint=ckpt, on_epoch=on_epoch)
 
     ref = train()
-    assert Trainer(recipe=recipe).accuracy(ref, data) > 0.8
+    threshold("ACC", Trainer(recipe=recipe).accuracy(ref, data), ">", 0.75)
     assert ref.whiten.bias.requires_grad  # frozen only within the training
     path = tmp_path / "partial.pt"
     with pytest.raises(KeyboardInterrupt):

@@ -29,12 +29,13 @@ class Collapse(Defense):
         return Outcome(model, info={"warnings": ["a guard of the defense's own"]})
 
 
-def test_a_model_at_chance_is_recorded_with_the_defenses_own_warnings(tmp_path):
+def test_a_model_at_chance_is_recorded_with_the_defenses_own_warnings(tmp_path, threshold):
     m = parse_matrix(matrix_dict(defenses=["undefended", "test_guards:Collapse"],
                                  recipe={**TINY_RECIPE, "epochs": 6}))
     runner = Runner(Store(tmp_path))
     rows = {c.defense.key: runner.run_cell(c) for c in m.cells}
-    assert rows["undefended"]["warnings"] == [] and rows["undefended"]["train_acc"]["defended"] > 0.5
+    assert rows["undefended"]["warnings"] == []
+    threshold("undefended training ACC", rows["undefended"]["train_acc"]["defended"], ">", 0.5)
     warnings = rows["test_guards:Collapse"]["warnings"]
     assert warnings[0] == "a guard of the defense's own"
     assert len(warnings) == 2 and warnings[1].startswith("at chance: the defended model")

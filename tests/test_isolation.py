@@ -99,21 +99,21 @@ class Digger(Defense):
 
 
 @pytest.mark.slow
-def test_a_defense_that_damages_its_inputs_changes_no_other_cell(tmp_path):
+def test_a_defense_that_damages_its_inputs_changes_no_other_cell(tmp_path, threshold):
     m = parse_matrix(matrix_dict(defenses=["undefended", "test_isolation:Vandal", "test_isolation:Retrain"],
                                  recipe={**TINY_RECIPE, "epochs": 4}))
     cell = {c.defense.key: c for c in m.cells}
     shared = Runner(Store(tmp_path / "shared"))
     before = shared.poisoned(cell["undefended"])[0].train.x.clone()
     vandal = shared.run_cell(cell["test_isolation:Vandal"])
-    assert vandal["acc"] < 0.3  # it did damage its own model
+    threshold("vandal's ACC", vandal["acc"], "<", 0.3)  # it did damage its own model
     after = {k: shared.run_cell(cell[k]) for k in ("undefended", "test_isolation:Retrain")}
     assert torch.equal(shared.poisoned(cell["undefended"])[0].train.x, before)
     alone = Runner(Store(tmp_path / "alone"))
     for k in ("undefended", "test_isolation:Retrain"):
         ref = alone.run_cell(cell[k])
         assert (after[k]["acc"], after[k]["asr"]) == (ref["acc"], ref["asr"]), k
-    assert after["test_isolation:Retrain"]["acc"] > 0.5  # trained on intact data
+    threshold("retrained ACC", after["test_isolation:Retrain"]["acc"], ">", 0.5)  # trained on intact data
 
 
 def test_nothing_reachable_from_the_context_leads_to_ground_truth(tmp_path):

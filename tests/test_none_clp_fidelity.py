@@ -274,7 +274,6 @@ def _check_zeroed(fp: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module", params=["resnet18", "small_cnn"])
 def none_case(request):
-    torch.set_num_threads(1)
     arch = request.param
     model = fixed_model(arch)
     expected = {k: globals()[f"{arch.upper()}_{k}"] for k in ("SELECTED", "ZEROED", "FLAGGED", "FLAGGED_JENKSPY020")}
@@ -325,7 +324,6 @@ R18_CONSUMER["body.4.1.conv2"] = "head:in"
 
 
 def test_none_reset_rule_consumers_drops_only_the_layer4_carry():
-    torch.set_num_threads(1)
     model = fixed_model("resnet18")
     sel = {k: torch.tensor(v) for k, v in RESNET18_SELECTED.items()}
     reset_selected(model, sel, "consumers")
@@ -343,7 +341,6 @@ def test_none_reset_rule_consumers_drops_only_the_layer4_carry():
 
 
 def test_none_reset_rule_local_keeps_residual_consumers():
-    torch.set_num_threads(1)
     model = fixed_model("resnet18")
     reset_selected(model, {k: torch.tensor(v) for k, v in RESNET18_SELECTED.items()}, "local")
     fp = zero_fingerprint(model)
@@ -354,7 +351,6 @@ def test_none_reset_rule_local_keeps_residual_consumers():
 
 def test_none_reset_zeroes_the_branch_output():
     """After the reference reset the reset channels of every monitored conv's BN output are zero."""
-    torch.set_num_threads(1)
     model = fixed_model("resnet18")
     sel = {k: torch.tensor(v) for k, v in RESNET18_SELECTED.items()}
     reset_selected(model, sel, "reference")
@@ -409,7 +405,6 @@ def test_jenks_matches_jenkspy_and_brute_force():
 
 @pytest.mark.parametrize("arch", ["resnet18", "small_cnn"])
 def test_clp_prunes_like_the_reference(arch):
-    torch.set_num_threads(1)
     model = fixed_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     info = CLP(u=3.0).prune(model)
@@ -435,7 +430,6 @@ def test_none_runs_on_other_architectures(arch):
     """Architectures the reference does not support use the local reset; nothing zeroes a
     pre-activation BN (one that normalises a residual sum)."""
     from bench.core.models import build_model
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(arch, 3, 10, MEAN, STD, 32).eval()
     x = fixed_images()[:16]

@@ -28,8 +28,6 @@ from defenses.fineprune import (
 )
 from defenses.finetuning import FineTuning
 
-torch.set_num_threads(1)
-
 
 def make_ctx(model, trainer, reserve=None, train=None, num_classes=10):
     train = train if train is not None else reserve
@@ -68,16 +66,16 @@ def digits_model():
 
 
 @pytest.mark.slow
-def test_finetuning_changes_weights_and_keeps_accuracy(digits_model):
+def test_finetuning_changes_weights_and_keeps_accuracy(digits_model, threshold):
     ds, trainer, model = digits_model
     acc0 = trainer.accuracy(model, ds.test)
-    assert acc0 > 0.6
+    threshold("ACC before", acc0, ">", 0.6)
     reserve = ds.train.subset(torch.arange(0, len(ds.train), 4))
     out = FineTuning(epochs=2).run(make_ctx(model, trainer, reserve))
     before, after = model.state_dict(), out.model.state_dict()
     changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert any("weight" in k for k in changed)
-    assert trainer.accuracy(out.model, ds.test) >= acc0 - 0.1
+    threshold("ACC change", trainer.accuracy(out.model, ds.test) - acc0, ">=", -0.1)
 
 
 @pytest.mark.slow
@@ -318,8 +316,8 @@ def test_cutmix_p0_is_plain_ce_and_clamp_range():
 # --- end to end through the runner on digits -----------------------------------------------------------
 
 @pytest.mark.slow
-def test_end_to_end_runner_digits(tmp_path):
-    raw = {"datasets": [{"name": "digits", "train_limit": 700}], "models": ["small_cnn"], "seeds": [0],
+def test_end_to_end_runner_digits(tmp_path, threshold):
+    raw = {"datasets": [{"name": "digits", "train_limit": 700}], "models": ["small_cnn"], "seeds": [TEST_SEED],
            "recipe": {"epochs": 2, "batch_size": 32, "crop_padding": 2}, "attacks": ["badnet"],
            "defenses": ["undefended", {"name": "finetuning", "epochs": 2},
                         {"name": "fineprune", "finetune_epochs": 2}, {"name": "fineprune", "preset": "advrbd"},
@@ -332,9 +330,9 @@ def test_end_to_end_runner_digits(tmp_path):
                                       o.result["defense_params"].get("mode") or "")): o.result for o in outcomes}
     for r in rows.values():
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["ra"] <= 1.0
-        assert r["acc"] > 0.3, r
+    threshold("lowest defended ACC", min(r["acc"] for r in rows.values()), ">", 0.3)
     und = rows[("undefended", "")]
-    assert und["acc"] > 0.6
+    threshold("undefended ACC", und["acc"], ">", 0.6)
     assert rows[("finetuning", "")]["clean_data"] == 0.05 and rows[("clp", "")]["clean_data"] == 0.0
     fp = rows[("fineprune", "original")]["info"]
     assert fp["pruned"] == len(fp["pruned_channels"]) == round(fp["pruned_fraction"] * fp["channels"])

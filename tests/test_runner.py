@@ -45,12 +45,13 @@ def finished(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_backdoor_learned_and_results_written(finished):
+def test_backdoor_learned_and_results_written(finished, threshold):
     m, runner, outcomes, root = finished
     by = {o.cell.defense.key: o for o in outcomes}
     und = by["undefended"]
     assert und.status == "done"
-    assert und.result["acc"] >= 0.85 and und.result["asr"] >= 0.8
+    threshold("ACC", und.result["acc"], ">=", 0.85)
+    threshold("ASR", und.result["asr"], ">=", 0.8)
     assert und.result["n_poison"] == int(0.05 * und.result["n_train"])
     assert len(list((root / "results").glob("*.json"))) == 2
 

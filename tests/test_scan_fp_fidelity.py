@@ -10,9 +10,8 @@ import math
 import pytest
 import torch
 
+from conftest import TEST_SEED
 from defenses.scan import SCAnFT, anomaly_index, numpy_median, scan_detect
-
-torch.set_num_threads(1)
 
 
 # --- fixed small synthetic features ---------------------------------------------------------------
@@ -243,11 +242,11 @@ def digits_backdoor():
     from bench.core.trainer import Recipe, Trainer
     ds = load_dataset("digits")
     attack = BadNet(target=TARGET)
-    poisoned = attack.poison(ds.train, seed=0)
+    poisoned = attack.poison(ds.train, seed=TEST_SEED)
     trainer = Trainer(recipe=Recipe(epochs=8, batch_size=64, crop_padding=0, flip=False))
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = trainer.fit(trainer.prepare(small_cnn(1, 10, ds.mean, ds.std, ds.size, widths=(16, 32, 64))),
-                        poisoned.train, seed=0)
+                        poisoned.train, seed=TEST_SEED)
     trig = attack.test_set(ds.test)
     asr = (trainer.predict(model, trig.x)[trig.counts] == TARGET).float().mean().item()
     assert asr > 0.8, f"the toy backdoor did not take (ASR {asr:.2f})"
@@ -255,7 +254,7 @@ def digits_backdoor():
 
 
 @pytest.mark.slow
-def test_scan_flags_the_target_class_on_digits_with_a_clean_reserve(digits_backdoor):
+def test_scan_flags_the_target_class_on_digits_with_a_clean_reserve(digits_backdoor, threshold):
     """Digits 16x16, BadNet 5 % (67 poisoned images relabelled 1), a small CNN (64 features) trained
     8 epochs without crop/flip so the corner patch stays put.  The reserve is 30 % of the training
     set drawn from clean images (about 40 per class): far more than the harness's 5 %, because the
@@ -274,10 +273,11 @@ def test_scan_flags_the_target_class_on_digits_with_a_clean_reserve(digits_backd
         det = scan_detect(feats, y, 10, torch.Generator().manual_seed(seed), math.e, feats[pick],
                           poisoned.y_orig[pick])
         j = det["j"]
-        assert TARGET in det["flagged_classes"] and int(j.argmax()) == TARGET and j[TARGET] > math.e ** 2, j
+        assert TARGET in det["flagged_classes"] and int(j.argmax()) == TARGET, j
+        threshold(f"J of the target, reserve draw {seed}", j[TARGET], ">", round(math.e ** 2, 3))
         in_target = det["flagged"][y[det["flagged"]] == TARGET]
-        assert is_poison[in_target].float().mean() >= 0.8
-        assert is_poison[in_target].sum() >= 0.8 * is_poison.sum()
+        threshold(f"precision, reserve draw {seed}", is_poison[in_target].float().mean(), ">=", 0.8)
+        threshold(f"recall, reserve draw {seed}", is_poison[in_target].float().sum() / is_poison.sum(), ">=", 0.8)
         j_reserve = float(j[TARGET])
     det_d = scan_detect(feats, y, 10, torch.Generator().manual_seed(0), math.e)
-    assert float(det_d["j"][TARGET]) < j_reserve / 5
+    threshold("J fitted on D / J fitted on the reserve", float(det_d["j"][TARGET]) / j_reserve, "<", 0.2)
