@@ -18,8 +18,10 @@ from evaluations.natural_backdoor import NaturalBackdoor, split_indices
 
 TARGET = 1
 #: calibration settings: the 2 % budget (~5 px on 16x16) fits the 2x2 BadNet patch (4 px); the toy
-#: model's own trigger reaches ~95 %, so inversion success is judged at 0.9 rather than 0.99
-CALIB = NaturalBackdoor(budgets=(0.02, 0.06), steps=80, restarts=2, per_class=15, eval_size=300, success=0.9)
+#: model's own trigger reaches ~95 %, so inversion success is judged at 0.9 rather than 0.99.  Four
+#: restarts: with two, one draw in six (seed 0, 2 threads) inverted the target to only 0.69 at 2 %
+#: and the MAD test missed it (anomaly index 0.99)
+CALIB = NaturalBackdoor(budgets=(0.02, 0.06), steps=80, restarts=4, per_class=15, eval_size=300, success=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +41,15 @@ def measured(backdoored, digits):
 
 @pytest.mark.slow
 def test_inversion_finds_the_planted_target_at_the_smallest_budget(measured, threshold):
-    """At the 2 % budget the planted target is the label whose inverted trigger works best, by a
-    lead.  Measured over seeds 0-2 at 1 and 2 threads: the target is the best label in all six
-    runs, its inverted ASR 0.69-1.0, the best other label's 0.09-0.68, the lead 0.25-0.90 (the
-    2-thread runs invert more for every label: seed 0 gives the target 0.69, seed 1 another
-    label 0.68).  Bounds: target ASR 0.6, lead 0.15."""
+    """At the 2 % budget the planted target is the label whose inverted trigger works best.
+    Measured over seeds 0-2 at 1 and 2 threads (four restarts): the target is the best label in
+    all six runs, its inverted ASR 0.97-1.0; the best other label's 0.05-0.87 (seed 1, 2 threads:
+    label 5 at 0.87), so whether the target stands out is asked by the MAD test below, not by a
+    lead here.  Bound: target ASR 0.9."""
     s = measured.summary()
     assert s["budgets"][0] == 0.02
     assert s["asr_max_label"][0] == TARGET
-    threshold("inverted ASR of the target at 2 %", s["asr_max"][0], ">=", 0.6)
-    # other labels need more area: the target stands out at 2 %
-    others = [a for k, a in enumerate(s["asr"][0]) if k != TARGET]
-    threshold("lead of the target over the best other label", s["asr_max"][0] - max(others), ">=", 0.15)
+    threshold("inverted ASR of the target at 2 %", s["asr_max"][0], ">=", 0.9)
 
 
 @pytest.mark.slow
@@ -84,10 +83,13 @@ def test_evaluation_split_is_disjoint_from_inversion_split(measured, digits):
 
 
 @pytest.mark.slow
-def test_mad_anomaly_index_flags_the_target(measured):
+def test_mad_anomaly_index_flags_the_target(measured, threshold):
+    """Measured over seeds 0-2 at 1 and 2 threads (four restarts): the target is the only label
+    flagged, anomaly index 3.6-4.3 against the threshold 2."""
     s = measured.summary()
+    assert s["anomaly_label"] == TARGET
+    threshold("anomaly index of the target", s["anomaly_max"], ">", CALIB.anomaly_threshold)
     assert TARGET in s["flagged"]
-    assert s["anomaly_label"] == TARGET and s["anomaly_max"] > CALIB.anomaly_threshold
     assert s["min_l1_reached"][TARGET]
     assert s["min_l1"][TARGET] <= 0.02 * 256 + 1e-3
 
