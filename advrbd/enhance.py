@@ -268,14 +268,12 @@ def enhance(model, data: ImageSet, trainer: Trainer, num_classes: int, score_cfg
         gen.set_state(state["gen"])
         if obs.restore is not None:
             obs.restore(state["observed"])
-        first = state["round"] + 1
+        first = cfg.rounds + 1 if state["done"] else state["round"] + 1
         if log is not None:
             log.info("enhancement resumed after round %d of %d", state["round"], cfg.rounds)
     elif obs.model is not None or obs.flags is not None:
         show(0, trainer.logits(model, data.x))
     for t in range(first, cfg.rounds + 1):
-        if state is not None and state.get("done"):
-            break
         if len(d_p) == 0:
             break
         t0 = time.time()
