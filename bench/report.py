@@ -538,7 +538,7 @@ padding:0 1em}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.8em}
 th,td{border-bottom:1px solid #ddd;padding:3px 5px;text-align:right}
 td{white-space:nowrap}
-th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:anywhere;max-width:11em}
+th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:break-word;min-width:6em;max-width:11em}
 th{background:#f3f3f3}
 tr.avg td{font-weight:bold;border-top:2px solid #999}
 caption{text-align:left;font-weight:600;padding:4px 0}
@@ -546,7 +546,7 @@ caption{text-align:left;font-weight:600;padding:4px 0}
 figure{display:inline-block;margin:0 1em 1.5em 0;max-width:100%;vertical-align:top}
 figcaption{font-size:0.85em;color:#555}
 img{max-width:100%;height:auto}
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto;padding-bottom:.9em}
 """
 
 
