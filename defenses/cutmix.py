@@ -54,6 +54,16 @@ class CutMixLoss:
     def __post_init__(self):
         self.gen = torch.Generator().manual_seed(self.seed)
 
+    def state_dict(self) -> dict:
+        """The mixing generator and the counters: saved with a training checkpoint, so that a
+        resumed training draws the same boxes as an uninterrupted one."""
+        return {"generator": self.gen.get_state(), "mixed_batches": self.mixed_batches,
+                "plain_batches": self.plain_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.mixed_batches, self.plain_batches = state["mixed_batches"], state["plain_batches"]
+
     def _uniform(self) -> float:
         return torch.rand((), generator=self.gen).item()
 
@@ -149,9 +159,10 @@ class CutMix(Defense):
         if self.mode == "repair":
             model = ctx.trainer.fit(ctx.backdoored_model(), ctx.train, loss_fn=loss_fn, epochs=self.repair_epochs,
                                     lr=self.repair_lr, schedule=self.repair_schedule, seed=ctx.seed,
-                                    recipe=ctx.trainer.recipe.for_tuning())
+                                    recipe=ctx.trainer.recipe.for_tuning(), checkpoint=ctx.checkpoint("repair"),
+                                    name="CutMix repair")
         else:
             model = ctx.trainer.fit(ctx.make_model(), ctx.train, loss_fn=loss_fn, seed=ctx.seed,
-                                    checkpoint=ctx.checkpoint("scratch"))
+                                    checkpoint=ctx.checkpoint("scratch"), name="CutMix scratch")
         return Outcome(model, info={"mode": self.mode, "mixed_batches": loss_fn.mixed_batches,
                                     "plain_batches": loss_fn.plain_batches})

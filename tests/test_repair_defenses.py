@@ -313,6 +313,42 @@ def test_cutmix_p0_is_plain_ce_and_clamp_range():
     assert min(free) < 0.3 and max(free) > 0.7
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_cutmix_training_killed_mid_way_resumes_to_the_same_weights(tmp_path):
+    """The mixing generator travels with the training checkpoint: without it a resumed training
+    draws other boxes than an uninterrupted one and ends with other weights."""
+    from bench.core.trainer import Checkpoint
+    ds = load_dataset("digits")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("tiny_cnn", ds.channels, ds.num_classes, ds.mean, ds.std, ds.size)
+        return model, Trainer(recipe=Recipe(epochs=3, batch_size=64, lr=0.05, crop_padding=1, flip=False))
+
+    ref, tr = fresh()
+    ref_loss = CutMixLoss(seed=TEST_SEED)
+    tr.fit(ref, ds.train, loss_fn=ref_loss, seed=TEST_SEED)
+
+    def killed_in_epoch_2(epoch, m):  # after epoch 1's checkpoint, before epoch 2's
+        if epoch == 1:
+            raise _Stop
+
+    ckpt = Checkpoint(tmp_path / "c.pt", every_s=0)
+    model, tr = fresh()
+    with pytest.raises(_Stop):
+        tr.fit(model, ds.train, loss_fn=CutMixLoss(seed=TEST_SEED), seed=TEST_SEED, checkpoint=ckpt,
+               on_epoch=killed_in_epoch_2)
+    assert ckpt.load()["epoch"] == 0
+    model, tr = fresh()  # a new process: a fresh model and a fresh loss hook at the same seed
+    resumed_loss = CutMixLoss(seed=TEST_SEED)
+    tr.fit(model, ds.train, loss_fn=resumed_loss, seed=TEST_SEED, checkpoint=ckpt)
+    assert (resumed_loss.mixed_batches, resumed_loss.plain_batches) == (ref_loss.mixed_batches, ref_loss.plain_batches)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+
+
 # --- end to end through the runner on digits -----------------------------------------------------------
 
 @pytest.mark.slow

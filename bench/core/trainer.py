@@ -52,7 +52,7 @@ PROGRESS_EPOCH_S = 10.0
 class Checkpoint:
     """Where :meth:`Trainer.fit` keeps its state during a long training, so that a training killed at
     epoch 99 of 100 resumes at epoch 100 instead of 0.  The state is the model, the optimizer, the lr
-    schedule's position, the data-order generator and the epoch; a resumed training gives the same
+    schedule's position, the data-order generator, a stateful loss hook's state and the epoch; a resumed training gives the same
     weights as an uninterrupted one.  The file is written atomically, at most every ``every_s``
     seconds (and never in the last epoch), and removed when the training ends.  ``tag`` (e.g. the
     numerics) must match for a saved state to be used: a state from another device or thread count
@@ -511,7 +511,8 @@ class Trainer:
         ``lr_at_epoch``: the lr of each epoch (0-based) as an absolute value, set at the start of
         the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
         ``checkpoint``: resume from and save to a :class:`Checkpoint` (a training of the harness's
-        own, not a defense's inner loop).  ``name``: log one line per epoch (mean training loss, accuracy
+        own, not a defense's inner loop); a ``loss_fn`` with state of its own (a generator, counters)
+        exposes ``state_dict()``/``load_state_dict()`` and is saved and restored with it.  ``name``: log one line per epoch (mean training loss, accuracy
         on the training batches, the epoch's first lr, seconds) under this name at INFO; the console
         shows it when epochs take :data:`PROGRESS_EPOCH_S` or more.  ``history``: a list
         that receives those per-epoch records; ``on_record``: called with each as it is made.
@@ -551,6 +552,8 @@ class Trainer:
             gen.set_state(saved["generator"])
             if lookahead is not None and saved.get("lookahead") is not None:
                 lookahead.load_state_dict(saved["lookahead"])
+            if hasattr(loss_fn, "load_state_dict") and saved.get("loss_fn") is not None:
+                loss_fn.load_state_dict(saved["loss_fn"])
             start, self.train_samples = saved["epoch"] + 1, self.train_samples + saved["train_samples"]
             if history is not None:
                 history.extend(saved.get("history", []))
@@ -608,6 +611,7 @@ class Trainer:
                                  "scheduler": sched.state_dict() if sched is not None else None,
                                  "generator": gen.get_state(), "epoch": epoch,
                                  "lookahead": lookahead.state_dict() if lookahead is not None else None,
+                                 "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
                                  "train_samples": self.train_samples - samples_before, "history": records})
         if lookahead is not None:
             lookahead.update(model, r.epochs * steps, final=True)
