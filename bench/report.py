@@ -553,7 +553,8 @@ img{max-width:100%;height:auto}
 def to_html(title: str, intro: str, sections: list[Section], figures: list[tuple[str, Path]]) -> str:
     e = html.escape
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(intro)}</p>"]
+           f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>",
+           *(f"<p>{e(p)}</p>" for p in intro.split("\n\n") if p.strip())]
     for s in sections:
         out.append(f"<h2>{e(s.title)}</h2>")
         for t in s.tables:
@@ -666,7 +667,9 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
     if missing:
         tail = (f"\n{len(missing)} cell(s) have no result yet: " + ", ".join(missing[:10]) +
                 (" ..." if len(missing) > 10 else "") + "\n")
-    (out_dir / "tables.md").write_text(f"# Results: {matrix.name}\n\n{INTRO}\n\n" + to_markdown(sections) + tail)
+    # the matrix's description (what it is, what a reader should know of its numbers) above the tables
+    intro = f"{' '.join(matrix.description.split())}\n\n{INTRO}" if matrix.description.strip() else INTRO
+    (out_dir / "tables.md").write_text(f"# Results: {matrix.name}\n\n{intro}\n\n" + to_markdown(sections) + tail)
     (out_dir / "tables.tex").write_text(to_latex(sections))
     write_results(rows, out_dir)
     with open(out_dir / "tables.csv", "w", newline="") as f:
@@ -685,5 +688,5 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
 
         figs = make_figures(rows, out_dir / "figures")
         figs += galleries(sorted({r["dataset"] for r in rows}), runner, out_dir / "figures", matrix)
-    (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", INTRO + tail, sections, figs))
+    (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", intro + tail, sections, figs))
     return out_dir / "tables.md", missing

@@ -46,12 +46,26 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rendered")
     m = tmp / "m.yaml"
     m.write_text(yaml.safe_dump(matrix_dict(
-        attacks=["badnet", "blend"], reserve_ratio=0.1,
+        attacks=["badnet", "blend"], reserve_ratio=0.1, description=DESCRIPTION,
         defenses=["undefended", {"name": "finetuning", "epochs": 1},
                   {"name": "advrbd", "rounds": 1, "pgd_steps": 1, "relearn_epochs": 1, "unlearn_passes": 1}])))
     assert main(["run", str(m), "--output", str(tmp / "runs"), "--report-dir", str(tmp / "rep"),
                  "--threads", "1"]) == 0
     return tmp / "rep" / "t"
+
+
+#: a matrix description as YAML's folded text gives it: what a reader should know of the numbers
+DESCRIPTION = "A first look, not a verdict.\nAdvrBD here depends on the draw & the thread count."
+
+
+@pytest.mark.slow
+def test_the_matrix_description_heads_the_report(report):
+    """The description (a matrix's place to say what its numbers can and cannot tell) is the first
+    paragraph of tables.md and of report.html, on one line, escaped in HTML."""
+    one_line = " ".join(DESCRIPTION.split())
+    assert (report / "tables.md").read_text().split("\n\n")[1] == one_line
+    page = (report / "report.html").read_text().replace("\n", "")
+    assert f"<h1>Results: t</h1><p>{one_line.replace('&', '&amp;')}</p><p>ACC and ASR" in page
 
 
 def _png_size(path) -> tuple[int, int]:
