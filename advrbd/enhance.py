@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.core.data import ImageSet
-from bench.core.registry import check_choices
+from bench.core.params import check_choices
 from bench.core.trainer import Checkpoint, Trainer
 
 from .partition import partition

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bench.core.registry import check_choices
+from bench.core.params import check_choices
 from bench.core.trainer import Trainer
 
 #: how the adversarial patch perturbs an image: "additive" (bounded) or "replace" (patch content)

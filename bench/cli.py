@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core.data import DataError
-from .core.registry import ConfigError, describe
+from .core.params import ConfigError, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MATRIX = "matrices/quick.yaml"
@@ -262,14 +262,8 @@ def show_text(name: str) -> str:
     import dataclasses
     import typing
 
-    from .core.registry import (
-        ATTACKS,
-        DEFENSES,
-        EVALUATIONS,
-        closest,
-        field_docs,
-        range_of,
-    )
+    from .core.params import closest, field_docs, range_of
+    from .core.registry import ATTACKS, DEFENSES, EVALUATIONS
 
     registries = {"attack": ATTACKS, "defense": DEFENSES, "evaluation": EVALUATIONS}
     found = [(kind, reg.get(name, kind)) for kind, reg in registries.items() if name in reg.names()]
@@ -361,7 +355,7 @@ def cmd_export(args) -> int:
 
 def _only_flags(cell) -> str:
     """``--only`` flags that select ``cell`` (and the few cells that share its components and seed)."""
-    from .core.registry import label
+    from .core.params import label
 
     def name(component):  # a label with a comma would read as two values
         return label(component) if "," not in label(component) else component.key

@@ -16,7 +16,8 @@ import torch
 
 from .core.attack import Attack
 from .core.data import load_dataset
-from .core.registry import ATTACKS, label
+from .core.params import label
+from .core.registry import ATTACKS
 from .core.tensors import to_float, to_uint8
 
 #: gain of the difference column

@@ -20,7 +20,7 @@ Example (every field but ``attacks`` and ``defenses`` is optional)::
     evaluate: [natural_backdoor]   # optional extra evaluations of every defended model, e.g.
                                    # [{name: natural_backdoor, budgets: [0.02, 0.06]}]
 
-Any bad value raises :class:`~bench.core.registry.ConfigError` whose message names the field
+Any bad value raises :class:`~bench.core.params.ConfigError` whose message names the field
 (``attacks[1].alpha``) and what is allowed.
 """
 from __future__ import annotations
@@ -38,19 +38,8 @@ import yaml
 
 from .core.attack import Attack
 from .core.defense import Defense
-from .core.registry import (
-    ATTACKS,
-    DATASETS,
-    DEFENSES,
-    EVALUATIONS,
-    MODELS,
-    ConfigError,
-    as_number,
-    build,
-    closest,
-    label,
-    params_of,
-)
+from .core.params import as_number, build, closest, ConfigError, label, params_of
+from .core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS
 from .core.trainer import RECIPE_PRESETS, Recipe, resolve_precision
 
 #: bump when the harness changes how any artifact is computed

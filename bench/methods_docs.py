@@ -16,7 +16,8 @@ import sys
 import typing
 from pathlib import Path
 
-from .core.registry import ATTACKS, DEFENSES, EVALUATIONS, field_docs, range_of
+from .core.params import field_docs, range_of
+from .core.registry import ATTACKS, DEFENSES, EVALUATIONS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods"
 KINDS = (("attack", ATTACKS), ("defense", DEFENSES), ("evaluation", EVALUATIONS))

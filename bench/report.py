@@ -603,7 +603,7 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def gallery_attacks(matrix: Matrix, dataset: str) -> list:
     """The matrix's attacks on ``dataset``, each parameter setting once, in matrix order."""
-    from .core.registry import params_of
+    from .core.params import params_of
 
     seen, out = set(), []
     for c in matrix.cells:

@@ -99,7 +99,7 @@ FILTER_KEYS = ("dataset", "model", "attack", "defense", "seed")
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Keep cells matching every ``key=value[,value...]`` filter (e.g. ``attack=badnet,blend``); an
     attack or defense matches by its registry key or by its label in the matrix (``defense=AdvrBD-joint``)."""
-    from .core.registry import ConfigError, label
+    from .core.params import ConfigError, label
 
     for f in only:
         key, eq, values = f.partition("=")
@@ -116,7 +116,7 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
     """``--shard I/N`` (0-based ``I``), else a SLURM job array's task (``SLURM_ARRAY_TASK_ID`` minus
     ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else no sharding."""
-    from .core.registry import ConfigError
+    from .core.params import ConfigError
 
     if text is None:
         if "SLURM_ARRAY_TASK_ID" not in environ or "SLURM_ARRAY_TASK_COUNT" not in environ:
@@ -324,7 +324,7 @@ def _defense_key(dataset: str, train_limit, model: str, defense: str, params: di
 
 
 def _cell_defense_key(c: Cell) -> str:
-    from .core.registry import params_of
+    from .core.params import params_of
 
     return _defense_key(c.dataset.name, c.dataset.train_limit, c.model, c.defense.key, params_of(c.defense),
                         c.recipe.as_dict())
@@ -467,7 +467,7 @@ def check_writable(path, flag: str) -> list:
     before any work."""
     from pathlib import Path
 
-    from .core.registry import ConfigError
+    from .core.params import ConfigError
 
     path = Path(path)
     missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
@@ -529,7 +529,7 @@ def preflight(cells: list[Cell], runner) -> None:
     """Load every dataset the cells need once (a missing or unreadable file is one message, before any
     training) and check each attack against the data it meets: its geometry and class fields
     (``Attack.check``) and whether its poison fits the classes it draws from."""
-    from .core.registry import ConfigError
+    from .core.params import ConfigError
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP pool in a parent that forks workers later

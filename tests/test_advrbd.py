@@ -358,7 +358,7 @@ def test_score_limit_share_keeps_the_partition_rate_of_what_was_scored(backdoore
 
 
 def test_later_enhancement_choices_keep_earlier_cache_keys():
-    from bench.core.registry import params_of
+    from bench.core.params import params_of
 
     keys = set(params_of(AdvrBD()))
     assert not keys & {"ascent_stop", "round_order", "score_model", "score_limit_selects"}

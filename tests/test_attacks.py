@@ -16,7 +16,8 @@ from attacks.sig import SIG
 from attacks.tact import TaCT
 from attacks.wanet import WaNet
 from bench.core.data import ImageSet
-from bench.core.registry import ATTACKS, ConfigError, build
+from bench.core.params import build, ConfigError
+from bench.core.registry import ATTACKS
 from conftest import TEST_SEED
 
 KEYS = ["badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive_blend", "adaptive_patch"]

@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import REPO, matrix_dict
 
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import load_matrix, parse_matrix, parse_yaml
 
 
@@ -84,7 +84,7 @@ def test_literal_types_are_checked():
     import typing
     from dataclasses import dataclass
 
-    from bench.core.registry import build
+    from bench.core.params import build
 
     @dataclass
     class Thing:
@@ -98,7 +98,7 @@ def test_literal_types_are_checked():
 def test_field_metadata_range_wins_over_the_table():
     from dataclasses import dataclass, field
 
-    from bench.core.registry import Range, build
+    from bench.core.params import build, Range
 
     @dataclass
     class Thing:

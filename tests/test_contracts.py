@@ -12,14 +12,8 @@ from conftest import SHARED_DATA, matrix_dict
 from bench.core.attack import PoisonedSet, TriggeredTest
 from bench.core.data import load_dataset
 from bench.core.models import build_model, interface_problems
-from bench.core.registry import (
-    ATTACKS,
-    DATASETS,
-    DEFENSES,
-    EVALUATIONS,
-    MODELS,
-    params_of,
-)
+from bench.core.params import params_of
+from bench.core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.store import Store

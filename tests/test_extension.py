@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bench.core.data import load_dataset
-from bench.core.registry import DATASETS, ConfigError
+from bench.core.params import ConfigError
+from bench.core.registry import DATASETS
 
 MODEL_MODULE = '''
 import torch.nn as nn

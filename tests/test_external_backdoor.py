@@ -5,7 +5,7 @@ import shutil
 import pytest
 from conftest import TINY_RECIPE, matrix_dict
 
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.store import Store, digest

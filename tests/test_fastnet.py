@@ -10,7 +10,7 @@ from bench.core import trainer as trainer_mod
 from bench.core.data import ImageSet
 from bench.core.fastnet import FastNet, whitening_weights
 from bench.core.models import build_model, interface_problems
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.core.trainer import RECIPE_PRESETS, Checkpoint, Recipe, Trainer, resolve_precision
 from bench.matrix import parse_matrix
 from conftest import REPO, TEST_SEED, matrix_dict
@@ -302,7 +302,7 @@ def test_tuning_keys_results_but_not_the_backdoored_model():
 
 
 def test_a_later_defense_parameter_at_its_earlier_value_leaves_the_key_alone():
-    from bench.core.registry import params_of
+    from bench.core.params import params_of
     from defenses.abl import ABL
 
     assert "retrain_schedule" not in params_of(ABL())

@@ -13,7 +13,7 @@ from conftest import matrix_dict
 
 import bench.schedule
 from bench.cli import main
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 
 OK = ("datasets: [digits]\nmodels: [tiny_cnn]\nrecipe: {epochs: 2}\n")
@@ -140,7 +140,7 @@ def test_bad_matrix_one_line_exit_2(tmp_path, capsys, no_training, name, text):
     "!!python/object/apply:os.system ['touch {marker}']",
     "!!python/object/apply:subprocess.check_output [['touch', '{marker}']]",
     "!!python/object/new:subprocess.Popen [['touch', '{marker}']]",
-    "!!python/object:bench.core.registry.Range {{low: 1}}",
+    "!!python/object:bench.core.params.Range {{low: 1}}",
     "!!python/name:os.system",
     "!!python/module:os",
     "!!python/tuple [1, 2]",

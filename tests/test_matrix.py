@@ -1,7 +1,7 @@
 import pytest
 from conftest import REPO, matrix_dict
 
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import load_matrix, parse_matrix
 
 

@@ -7,7 +7,8 @@ import torch
 from conftest import TINY_RECIPE, matrix_dict
 
 from bench.core.models import build_model
-from bench.core.registry import ATTACKS, ConfigError
+from bench.core.params import ConfigError
+from bench.core.registry import ATTACKS
 from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
 from bench.report import build_sections, collect

@@ -3,7 +3,7 @@ import pytest
 from conftest import matrix_dict
 
 from bench.cli import main, show_text
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import apply_overrides, parse_matrix
 
 

@@ -1,7 +1,7 @@
 import pytest
 from conftest import matrix_dict
 
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.schedule import execute, parse_devices, plan, select

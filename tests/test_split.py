@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, matrix_dict
 
-from bench.core.registry import ConfigError
+from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.schedule import _run_task, parse_shard, shard

@@ -3,7 +3,8 @@
 * :mod:`bench.core.data`: images as uint8 tensors, datasets and their loaders;
 * :mod:`bench.core.models`: the architectures and the model interface defenses rely on;
 * :mod:`bench.core.trainer`: the one training and evaluation loop, which counts every pass;
-* :mod:`bench.core.registry`: one registry per kind of component, parameter validation;
+* :mod:`bench.core.params`: parameter validation (types, choices, ranges) and display labels;
+* :mod:`bench.core.registry`: one registry per kind of component;
 * :mod:`bench.core.metrics`: ACC, ASR, RA, detection and score separation;
 * :mod:`bench.core.tensors`: shared tensor helpers and named random streams;
 * :mod:`bench.core.attack`, :mod:`bench.core.defense`, :mod:`bench.core.evaluation`: the base

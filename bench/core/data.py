@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .params import ConfigError
 from .registry import DATASETS, register_dataset
 from .tensors import round_robin
 
@@ -140,6 +141,12 @@ def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
 # Datasets as registry entries
 
 
+def default_crop_padding(size: int) -> int:
+    """Crop padding scaled with the image: an eighth of the side (4 px at 32 px, 8 at 64, 28 at 224),
+    the 4-px-at-32 convention of the CIFAR literature carried to other sizes."""
+    return max(1, size // 8)
+
+
 @dataclass(frozen=True)
 class DatasetSource:
     """A registered dataset: what a matrix needs to know before loading it (classes, geometry),
@@ -165,8 +172,6 @@ class DatasetSource:
 
     def augmentation(self) -> dict:
         """The recipe fields this dataset fills in when a matrix leaves them unset."""
-        from .trainer import default_crop_padding
-
         pad = self.crop_padding if self.crop_padding is not None else default_crop_padding(self.size)
         return {"flip": self.flip, "crop_padding": pad}
 
@@ -177,8 +182,6 @@ class DatasetSource:
     def from_npz(cls, path: str | os.PathLike, field: str = "dataset") -> "DatasetSource":
         """A dataset given as a file: its classes and image shape are read from the file (the
         labels and the test images; the training images are read when the cell runs)."""
-        from .registry import ConfigError
-
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"{field}: the dataset file '{p}' does not exist")
@@ -190,8 +193,6 @@ class DatasetSource:
 
     @classmethod
     def _read_npz_source(cls, p: Path, field: str) -> "DatasetSource":
-        from .registry import ConfigError
-
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
@@ -213,6 +214,18 @@ class DatasetSource:
 
 #: the dataset files already read: (path, size, mtime) -> DatasetSource
 _NPZ_SOURCES: dict[tuple, DatasetSource] = {}
+
+
+def _check_source(obj) -> str | None:
+    return None if isinstance(obj, DatasetSource) else "is not a DatasetSource (see bench.core.data)"
+
+
+def _npz_source(name: str, field: str) -> DatasetSource | None:
+    """A matrix's dataset given as a path to an ``.npz`` file."""
+    return DatasetSource.from_npz(name, field) if name.endswith(".npz") else None
+
+
+DATASETS.configure(_check_source, _npz_source)
 
 
 def dataset(name: str, description: str, num_classes: int, channels: int, size: int, flip: bool = True,

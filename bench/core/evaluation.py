@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .registry import Registered, params_of
+from .params import params_of
+from .registry import Registered
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ImageSet
-from .registry import ConfigError, Range, check_choices
+from .data import ImageSet, default_crop_padding
+from .params import ConfigError, Range, check_choices
 
 log = logging.getLogger("bench.train")
 
@@ -294,12 +294,6 @@ RECIPE_PRESETS: dict[str, dict] = {
                  lookahead=True, lookahead_every=5, whiten_bias_epochs=3,
                  tuning=FAST_TUNING),
 }
-
-
-def default_crop_padding(size: int) -> int:
-    """Crop padding scaled with the image: an eighth of the side (4 px at 32 px, 8 at 64, 28 at 224),
-    the 4-px-at-32 convention of the CIFAR literature carried to other sizes."""
-    return max(1, size // 8)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str = "zeros") -> torch.Tensor:
