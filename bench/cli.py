@@ -200,7 +200,7 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         return 2
     if conflict:
         print(f"warning: {conflict}", file=sys.stderr)
-    md, _ = write_report(matrix, runner, _report_dir(args, matrix))
+    md, _ = write_report(matrix, runner.store, _report_dir(args, matrix), runner.data_root)
     print(f"{counts}; tables: {md}", file=sys.stderr)
     for o in failed:
         cause = getattr(o.error, "cause", None)
@@ -240,7 +240,7 @@ def cmd_report(args) -> int:
         raise ConfigError(f"report: {conflict}")
     if conflict:
         print(f"warning: {conflict}", file=sys.stderr)
-    md, missing = write_report(matrix, runner, _report_dir(args, matrix))
+    md, missing = write_report(matrix, runner.store, _report_dir(args, matrix), runner.data_root)
     print(md.read_text())
     print(f"written: {md.parent}/tables.md, tables.tex, tables.csv, results.csv, results.jsonl, report.html",
           file=sys.stderr)
@@ -290,12 +290,10 @@ def show_text(name: str) -> str:
 
 def _checkpoints(matrix, runner):
     """(cell, backdoored model folder or None, defended model folder or None) per cell."""
-    from .store import digest
-
     out = []
     for c in matrix.cells:
-        bd = runner.store.dir("backdoor", digest(c.backdoor_ident()))
-        df = runner.store.dir("models", digest(c.result_ident()))
+        bd = runner.store.dir("backdoor", c.backdoor_key)
+        df = runner.store.dir("models", c.key)
         out.append((c, bd if (bd / "meta.json").exists() else None, df if (df / "meta.json").exists() else None))
     return out
 

@@ -41,6 +41,7 @@ from .core.defense import Defense
 from .core.params import as_number, build, closest, ConfigError, label, params_of
 from .core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS
 from .core.trainer import RECIPE_PRESETS, Recipe, resolve_precision
+from .store import digest
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
@@ -176,6 +177,16 @@ class Cell:
         if self.evaluations:  # only when present, so results without extra evaluations keep their keys
             ident["evaluate"] = [{"name": e.key, "version": e.version, **e.params()} for e in self.evaluations]
         return ident
+
+    @property
+    def key(self) -> str:
+        """The cell's cache key: its result is ``results/<key>.json`` in the store."""
+        return digest(self.result_ident())
+
+    @property
+    def backdoor_key(self) -> str:
+        """The key of the backdoored model the cell shares with every cell of its poisoned set."""
+        return digest(self.backdoor_ident())
 
     @property
     def label(self) -> str:

@@ -26,7 +26,8 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from .matrix import Matrix
-from .runner import Runner
+from .results import collect, frame
+from .store import Store
 
 log = logging.getLogger("bench.report")
 
@@ -93,21 +94,6 @@ class Table:
 class Section:
     title: str
     tables: list[Table]
-
-
-def collect(matrix: Matrix, runner: Runner) -> tuple[list[dict], list[str]]:
-    rows, missing = [], []
-    for cell in matrix.cells:
-        r = runner.cached_result(cell)
-        if r is None:
-            missing.append(cell.label)
-        else:  # names from the matrix (labels include non-default parameters)
-            # results from before the harness kept one warnings list: the defense's own guards
-            r.setdefault("warnings", [str(w) for w in (r.get("info") or {}).get("warnings", [])])
-            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
-                         "attack_display": cell.attack.display_name or cell.attack.key,
-                         "defense_display": cell.defense.display_name or cell.defense.key})
-    return rows, missing
 
 
 def group(rows):
@@ -365,8 +351,6 @@ def rounds_table(cells) -> Table | None:
 def ratings_table(dataset: str, model: str, cells) -> Table | None:
     """DER and RIR against the undefended model of the same poisoned set, with BackdoorBench's
     leaderboard numbers where its dataset, model, poison ratio, attack and defense match ours."""
-    from .results import frame
-
     df = frame([r for rs in cells.values() for r in rs])
     if df.empty or df["der"].isna().all():
         return None
@@ -585,8 +569,6 @@ def to_html(title: str, intro: str, sections: list[Section], figures: list[tuple
 def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     """``results.csv`` and ``results.jsonl`` (and ``results.parquet`` when pyarrow is installed): the
     DataFrame of :func:`bench.results.load`, one row per cell."""
-    from .results import frame
-
     df = frame(rows)
     paths = [out_dir / "results.csv", out_dir / "results.jsonl"]
     df.to_csv(paths[0], index=False)
@@ -614,7 +596,7 @@ def gallery_attacks(matrix: Matrix, dataset: str) -> list:
     return out
 
 
-def galleries(datasets: list[str], runner: Runner, out: Path,
+def galleries(datasets: list[str], data_root: str | None, out: Path,
               matrix: Matrix | None = None) -> list[tuple[str, Path]]:
     """The trigger gallery (clean vs triggered examples of every attack) for each dataset: the
     matrix's attacks with its parameters when ``matrix`` is given, else defaults."""
@@ -626,7 +608,7 @@ def galleries(datasets: list[str], runner: Runner, out: Path,
         what = "the matrix's attack parameters" if attacks else "default parameters"
         try:
             figs.append((f"Trigger gallery, {name} ({what})",
-                         render_gallery(name, runner.data_root, out / f"gallery_{name}.png",
+                         render_gallery(name, data_root, out / f"gallery_{name}.png",
                                         attacks=attacks or None)))
         except (FileNotFoundError, ValueError) as e:  # data not here: the tables still render
             log.warning("no trigger gallery for %s: %s", name, e)
@@ -659,8 +641,11 @@ INTRO = ("ACC and ASR in %. ASR counts triggered test images whose true label is
          "(TaCT: source class only); RA is the share of them classified as their true label.")
 
 
-def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = True) -> tuple[Path, list[str]]:
-    rows, missing = collect(matrix, runner)
+def write_report(matrix: Matrix, store: Store, out_dir: Path, data_root: str | None = None,
+                 figures: bool = True) -> tuple[Path, list[str]]:
+    """Tables (Markdown, LaTeX, CSV), the results frame and ``report.html`` of ``matrix``'s results in
+    ``store`` (``data_root``: where the trigger galleries read their images)."""
+    rows, missing = collect(matrix, store)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = build_sections(rows)
     tail = ""
@@ -687,6 +672,6 @@ def write_report(matrix: Matrix, runner: Runner, out_dir: Path, figures: bool = 
         from .plots import make_figures
 
         figs = make_figures(rows, out_dir / "figures")
-        figs += galleries(sorted({r["dataset"] for r in rows}), runner, out_dir / "figures", matrix)
+        figs += galleries(sorted({r["dataset"] for r in rows}), data_root, out_dir / "figures", matrix)
     (out_dir / "report.html").write_text(to_html(f"Results: {matrix.name}", intro + tail, sections, figs))
     return out_dir / "tables.md", missing

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .store import Store
+
 METRICS = ("acc", "acc_nontarget", "target_recall", "asr", "ra")
 #: the columns that identify a poisoned set and its training: an undefended cell matching on all
 #: of them is the baseline of a defended one
@@ -127,19 +129,33 @@ def _ratings(df: pd.DataFrame) -> None:
     df["rir"] = rate(rir, "undefended.acc", "undefended.ra", "acc", "ra")
 
 
+def collect(matrix, store) -> tuple[list[dict], list[str]]:
+    """The verified results of ``matrix``'s cells in ``store``, each with the matrix's names for its
+    attack and defense (labels include non-default parameters), and the labels of the cells
+    without a result."""
+    rows, missing = [], []
+    for cell in matrix.cells:
+        r = store.read_result(cell.key)
+        if r is None:
+            missing.append(cell.label)
+        else:
+            # results from before the harness kept one warnings list: the defense's own guards
+            r.setdefault("warnings", [str(w) for w in (r.get("info") or {}).get("warnings", [])])
+            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
+                         "attack_display": cell.attack.display_name or cell.attack.key,
+                         "defense_display": cell.defense.display_name or cell.defense.key})
+    return rows, missing
+
+
 def load(source, output: str | Path | None = None) -> pd.DataFrame:
     """Results as a DataFrame.  ``source``: a matrix (a YAML path or a :class:`~bench.matrix.Matrix`),
     whose cells are read from ``output`` (default: the matrix's own), or a store folder, every
     verified result of which is read (corrupt or edited files are named in the log and skipped)."""
     from .matrix import Matrix, load_matrix
-    from .runner import Runner
-    from .store import Store
 
     if isinstance(source, Matrix) or (isinstance(source, (str, Path)) and Path(source).suffix in (".yaml", ".yml")):
         matrix = source if isinstance(source, Matrix) else load_matrix(source)
-        from .report import collect
-
-        rows, _ = collect(matrix, Runner(Store(Path(output or matrix.output))))
+        rows, _ = collect(matrix, Store(Path(output or matrix.output)))
         return frame(rows)
     store = Store(Path(source))
     if not (store.root / "results").is_dir():

@@ -191,7 +191,7 @@ class Runner:
     def backdoored(self, cell: Cell, wait: bool = True):
         """The undefended model on this cell's poisoned set: loaded from the store or trained once.
         With ``wait=False``, :class:`~bench.store.Held` when another process is training it."""
-        key = digest(cell.backdoor_ident())
+        key = cell.backdoor_key
         ds = self.dataset(cell)
         model = self.make_model(cell, ds)
         if self.store.load_model("backdoor", key, model) is not None:
@@ -281,24 +281,20 @@ class Runner:
     def load_backdoored(self, cell: Cell):
         ds = self.dataset(cell)
         model = self.make_model(cell, ds)
-        if self.store.load_model("backdoor", digest(cell.backdoor_ident()), model) is None:
+        if self.store.load_model("backdoor", cell.backdoor_key, model) is None:
             raise RuntimeError(f"backdoored model for {cell.label} vanished from the store")
         return model.to(self.device)
 
     # --- one cell --------------------------------------------------------------------------------
     def result_path(self, cell: Cell):
-        return self.store.root / "results" / f"{digest(cell.result_ident())}.json"
+        return self.store.result_path(cell.key)
 
     def cached_result(self, cell: Cell) -> dict | None:
         """The cell's verified result; a corrupt, edited or malformed file is named once and ignored."""
-        path = self.result_path(cell)
-        row, problem = self.store.load_result(path, digest(cell.result_ident()))
-        if problem:
-            self.store.report_bad(path, problem)
-        return row
+        return self.store.read_result(cell.key)
 
     def has_saved_model(self, cell: Cell) -> bool:
-        return (self.store.dir("models", digest(cell.result_ident())) / "meta.json").exists()
+        return (self.store.dir("models", cell.key) / "meta.json").exists()
 
     def finished(self, cell: Cell) -> dict | None:
         """The cell's cached result when nothing this run asks for is missing: with ``save_models``,
@@ -315,7 +311,7 @@ class Runner:
         cached = self.finished(cell)
         if cached is not None:
             return cached
-        with self.store.lock("result", digest(cell.result_ident()), wait=wait):
+        with self.store.lock("result", cell.key, wait=wait):
             cached = self.finished(cell)  # another process may have finished it meanwhile
             if cached is not None:
                 return cached
@@ -331,7 +327,7 @@ class Runner:
         if needs.backdoored_model:
             self.backdoored(cell)
             backdoor_meta = self.store.load_json(
-                self.store.dir("backdoor", digest(cell.backdoor_ident())) / "meta.json")
+                self.store.dir("backdoor", cell.backdoor_key) / "meta.json")
 
         trainer = self.trainer(cell)
         eval_trainer = Trainer(device=trainer.device, recipe=cell.run_recipe, **self.trainer_options)
@@ -351,7 +347,7 @@ class Runner:
                            if needs.clean_data else None),
             log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
             _backdoored=backdoored, _observations=recorded,
-            _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{digest(cell.result_ident())}.pt",
+            _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{cell.key}.pt",
                                     every_s=self.checkpoint_every_s,
                                     tag=digest(numerics(self.device, trainer.bf16))))
         t0 = time.time()
@@ -367,7 +363,7 @@ class Runner:
                "epoch_equivalents": (trainer.train_samples + trainer.eval_samples / 3) / n,
                "n_train": n, "n_poison": int(poisoned.is_poison.sum()), "n_cover": int(poisoned.is_cover.sum()),
                "info": out.info, "observations": self.evaluate_observations(cell, recorded, eval_trainer, poisoned, trig),
-               "key": digest(cell.result_ident())}
+               "key": cell.key}
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
                                                                  "wall_time_s", "epoch_equivalents", "numerics")}
@@ -383,7 +379,7 @@ class Runner:
         for name, m in out.extra_models.items():
             row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig, ds.num_classes)
         if self.save_models:  # before the result, so a result with save_models always has its model
-            key = digest(cell.result_ident())
+            key = cell.key
             self.store.save_model("models", key, out.model, {"cell": cell.label, "result": key})
             for name, m in out.extra_models.items():
                 self.store.save_model("models", f"{key}-{name}", m, {"cell": cell.label, "result": key,
@@ -392,7 +388,7 @@ class Runner:
             log.info("%s: %s", ev.key, cell.label)
             row[ev.key] = ev.evaluate(out.model, ds.test, ds.num_classes, eval_trainer, seed=cell.seed).summary()
         saved = self.store.save_result(self.result_path(cell), row)
-        for phase in (self.store.root / "partial").glob(f"cell-{digest(cell.result_ident())}-*.pt"):
+        for phase in (self.store.root / "partial").glob(f"cell-{cell.key}-*.pt"):
             phase.unlink(missing_ok=True)  # the defense's phase checkpoints (ctx.checkpoint), now obsolete
         return saved
 
@@ -422,7 +418,7 @@ class Runner:
         return execute(plan(matrix.cells, self, retry_failed), self, slots=None, progress=progress)
 
     def failure_path(self, cell: Cell):
-        return self.store.root / "failures" / f"{digest(cell.result_ident())}.json"
+        return self.store.root / "failures" / f"{cell.key}.json"
 
     def record_failure(self, cell: Cell, error: str, tb: str) -> None:
         """``error.cause`` (see :class:`~bench.schedule.Failure`) decides whether the next run retries it."""

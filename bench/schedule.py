@@ -142,9 +142,9 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
 def shard(cells: list[Cell], i: int, n: int) -> list[Cell]:
     """Shard ``i`` of ``n``: the poisoned sets (with their backdoored model) dealt round-robin in a
     fixed order, each with all of its cells, so no two shards train the same backdoored model."""
-    keys = sorted({digest(c.backdoor_ident()) for c in cells})
+    keys = sorted({c.backdoor_key for c in cells})
     mine = set(keys[i::n])
-    return [c for c in cells if digest(c.backdoor_ident()) in mine]
+    return [c for c in cells if c.backdoor_key in mine]
 
 
 class Interrupted(BaseException):
@@ -212,7 +212,7 @@ def plan(cells: list[Cell], runner, retry_failed: bool = True) -> Plan:
         else:
             p.todo.append(c)
             if c.defense.needs().backdoored_model:
-                key = digest(c.backdoor_ident())
+                key = c.backdoor_key
                 meta = runner.store.load_json(runner.store.dir("backdoor", key) / "meta.json")
                 if key not in p.backdoors and not (isinstance(meta, dict) and "sha256" in meta):
                     p.backdoors[key] = c
@@ -302,7 +302,7 @@ def drop_mismatched(cells: list[Cell], runner, threads: int) -> tuple[int, int]:
 
         bd = r.get("backdoor")
         if bd is not None and not same(bd.get("numerics")):
-            folder = runner.store.dir("backdoor", digest(c.backdoor_ident()))
+            folder = runner.store.dir("backdoor", c.backdoor_key)
             if folder.exists():
                 shutil.rmtree(folder)
                 models += 1
@@ -579,7 +579,7 @@ class Progress:
         if result is None:
             return
         b = result.get("backdoor") or {}
-        key = digest(c.backdoor_ident())
+        key = c.backdoor_key
         if key in self.backdoors_left:  # an executor that reports only cells (Ray): learn it here
             self.backdoor_done(key, b.get("wall_time_s"), b.get("epoch_equivalents"))
         self.cost.observe_cell(c, seconds, result.get("epoch_equivalents", 0.0))
@@ -768,7 +768,7 @@ def execute(p: Plan, runner, slots: list[Slot] | None, progress="stderr", execut
     waiting = defaultdict(list)  # backdoor key -> cells
     ready = []
     for c in p.todo:
-        key = digest(c.backdoor_ident())
+        key = c.backdoor_key
         (waiting[key] if key in p.backdoors else ready).append(c)
 
     if executor == "slurm":
@@ -853,7 +853,7 @@ class SerialExecutor:
         if not self.queue:
             return []
         cells = [t for t in self.queue if t[1] == "cell"]
-        task = min(cells, key=lambda t: digest(t[2].backdoor_ident())) if cells else self.queue[0]
+        task = min(cells, key=lambda t: t[2].backdoor_key) if cells else self.queue[0]
         self.queue.remove(task)
         tag, kind, cell, wait = task
         return [(tag, _run_task(self.runner, kind, cell, wait))]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .store import digest
 
 #: seconds between two polls of the submitted jobs (on SLURM; local and debug jobs are polled faster)
 POLL_S = 5.0
@@ -43,7 +42,7 @@ class SlurmOptions:
 def pack(tasks: list, per_job: int) -> list[list]:
     """Tasks ``(tag, kind, cell)`` as jobs: each backdoored model alone (the long trainings run side by
     side on the cluster), cells in jobs of at most ``per_job``, one poisoned set's cells adjacent."""
-    cells = sorted((t for t in tasks if t[1] == "cell"), key=lambda t: digest(t[2].backdoor_ident()))
+    cells = sorted((t for t in tasks if t[1] == "cell"), key=lambda t: t[2].backdoor_key)
     return [[t] for t in tasks if t[1] == "backdoor"] + [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
 
 

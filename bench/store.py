@@ -174,6 +174,19 @@ class Store:
             return None
 
     # --- results -------------------------------------------------------------------------------
+    def result_path(self, key: str) -> Path:
+        """Where the result of the cell with this key (``Cell.key``) lives."""
+        return self.root / "results" / f"{key}.json"
+
+    def read_result(self, key: str) -> dict | None:
+        """The verified result of the cell with this key, else None; a corrupt, edited or malformed
+        file is named once in the log and ignored (the cell is recomputed)."""
+        path = self.result_path(key)
+        row, problem = self.load_result(path, key)
+        if problem:
+            self.report_bad(path, problem)
+        return row
+
     def save_result(self, path: Path, row: dict) -> dict:
         """Write a result with its checksum; returns the row exactly as a later load sees it."""
         row = json.loads(json.dumps(row, default=str))  # what a reader gets back, checksum included

@@ -20,7 +20,7 @@ def elsewhere(tmp_path_factory):
     cell = parse_matrix(matrix_dict(seeds=[5], recipe=RECIPE)).cells[0]
     runner = Runner(Store(tmp / "runs"))
     row = runner.run_cell(cell)
-    shutil.copy(runner.store.dir("backdoor", digest(cell.backdoor_ident())) / "weights.safetensors",
+    shutil.copy(runner.store.dir("backdoor", cell.backdoor_key) / "weights.safetensors",
                 tmp / "model.safetensors")
     indices = json.loads((runner.store.dir("poison", digest(cell.poison_ident())) / "indices.json").read_text())
     (tmp / "poison.json").write_text(json.dumps({"poison_idx": indices["poison_idx"]}))
@@ -42,7 +42,7 @@ def test_the_imported_model_replaces_training_and_its_indices_the_draw(elsewhere
     assert meta["external"].endswith("model.safetensors") and meta["epoch_equivalents"] == 0.0
     assert rows["finetuning"]["backdoor"]["asr"] == row5["asr"]  # the repair started from the imported model
     plain = parse_matrix(matrix_dict(seeds=[0], recipe=RECIPE)).cells[0]
-    assert digest(plain.backdoor_ident()) != digest(m.cells[0].backdoor_ident())  # no cache confusion
+    assert plain.backdoor_key != digest(m.cells[0].backdoor_ident())  # no cache confusion
 
 
 @pytest.mark.parametrize("entry, message", [

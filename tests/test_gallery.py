@@ -18,8 +18,6 @@ def test_report_gallery_uses_the_matrixs_attack_parameters(tmp_path):
 
     from bench.matrix import parse_matrix
     from bench.report import gallery_attacks
-    from bench.runner import Runner
-    from bench.store import Store
 
     m = parse_matrix(matrix_dict(seeds=[0, 1], defenses=["undefended", "clp"],
                                  attacks=[{"name": "tact", "target": 3, "source": 2, "cover_classes": [4]},
@@ -29,10 +27,10 @@ def test_report_gallery_uses_the_matrixs_attack_parameters(tmp_path):
     assert attacks[0].source == 2 and attacks[1].patch_size == 5
     from bench.report import galleries
 
-    [(caption, path)] = galleries(["digits"], Runner(Store(tmp_path)), tmp_path, m)
+    [(caption, path)] = galleries(["digits"], None, tmp_path, m)
     assert caption == "Trigger gallery, digits (the matrix's attack parameters)"
     with Image.open(path) as im:
         two_rows = im.size[1]
-    [(_, path)] = galleries(["digits"], Runner(Store(tmp_path)), tmp_path / "d")
+    [(_, path)] = galleries(["digits"], None, tmp_path / "d")
     with Image.open(path) as im:
         assert im.size[1] > 3 * two_rows  # the default gallery has a row per registered attack

@@ -11,7 +11,8 @@ from bench.core.params import ConfigError
 from bench.core.registry import ATTACKS
 from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
-from bench.report import build_sections, collect
+from bench.report import build_sections
+from bench.results import collect
 from bench.runner import Runner
 from bench.store import Store
 from conftest import TEST_SEED
@@ -143,7 +144,7 @@ def test_clean_training_through_the_runner(tmp_path, threshold):
     assert nb["n_inversion"] == 30 and nb["n_eval"] == 40
     assert len(nb["asr"]) == 2 and all(len(v) == 10 for v in nb["asr"])
     assert all(0 <= v <= 1 for v in nb["asr_max"])
-    rows, missing = collect(m, runner)
+    rows, missing = collect(m, runner.store)
     tables = [t for s in build_sections(rows) for t in s.tables]
     nat = [t for t in tables if t.caption.startswith("Natural backdoors")]
     assert len(nat) == 1 and nat[0].header[3:5] == ["ASR@2%", "ASR@4%"]

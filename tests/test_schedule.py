@@ -91,14 +91,13 @@ def test_cells_keep_their_cache_keys_in_a_spawned_interpreter(python_env):
     from conftest import REPO, matrix_dict
 
     from bench.matrix import parse_matrix
-    from bench.store import digest
 
     m = parse_matrix(matrix_dict(defenses=["advrbd", "nonlinearity", "test_runner:Spy"]))
     env, python = python_env
     env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
     code = ("import pickle, sys; from bench.store import digest; cells = pickle.load(sys.stdin.buffer); "
-            "print(repr([(c.defense.key, digest(c.result_ident())) for c in cells]))")
+            "print(repr([(c.defense.key, c.key) for c in cells]))")
     out = subprocess.run([python, "-c", code], input=pickle.dumps(m.cells), capture_output=True, env=env,
                          check=True).stdout.decode()
-    assert ast.literal_eval(out) == [(c.defense.key, digest(c.result_ident())) for c in m.cells]
+    assert ast.literal_eval(out) == [(c.defense.key, c.key) for c in m.cells]
     assert [c.defense.key for c in m.cells] == ["advrbd", "nonlinearity", "test_runner:Spy"]

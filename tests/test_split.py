@@ -10,7 +10,7 @@ from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
 from bench.schedule import _run_task, parse_shard, shard
-from bench.store import Store, digest
+from bench.store import Store
 
 
 def _matrix(seeds=(0, 1, 2), epochs=3):
@@ -36,7 +36,7 @@ def test_shards_partition_the_cells_by_poisoned_set():
     owners = {}
     for i, p in enumerate(parts):
         for c in p:
-            assert owners.setdefault(digest(c.backdoor_ident()), i) == i  # one shard per backdoored model
+            assert owners.setdefault(c.backdoor_key, i) == i  # one shard per backdoored model
     assert all(parts)
 
 
@@ -45,10 +45,10 @@ def test_a_held_cell_is_skipped_then_waited_for(tmp_path):
     cell = next(c for c in parse_matrix(_matrix(seeds=[0], epochs=2)).cells if c.defense.key == "undefended")
     store = Store(tmp_path)
     runner = Runner(store)
-    with store.lock("backdoor", digest(cell.backdoor_ident())):  # "another process" trains it
+    with store.lock("backdoor", cell.backdoor_key):  # "another process" trains it
         assert _run_task(runner, "backdoor", cell)[0] == "held"
     assert _run_task(runner, "backdoor", cell)[0] == "done"
-    with store.lock("result", digest(cell.result_ident())):
+    with store.lock("result", cell.key):
         assert _run_task(runner, "cell", cell)[0] == "held"
     status, row, _, _ = _run_task(runner, "cell", cell, wait=True)
     assert status == "done" and row["acc"] > 0
