@@ -12,6 +12,25 @@ import torch
 
 from .core.data import DataError
 from .core.params import ConfigError, describe
+from .execution.failures import Interrupted, earlier_failure
+from .execution.loop import execute
+from .execution.plan import (
+    check_writable,
+    default_cpu_workers,
+    drop_mismatched,
+    dry_run_text,
+    numerics_conflict,
+    parse_devices,
+    parse_shard,
+    plan,
+    preflight,
+    remove_if_empty,
+    select,
+    shard,
+)
+from .execution.ray_executor import ray_slots
+from .execution.signals import on_signals, raise_interrupted
+from .execution.slurm_executor import SlurmOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MATRIX = "matrices/quick.yaml"
@@ -65,23 +84,9 @@ def _report_dir(args, matrix) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .schedule import (
-        Interrupted,
-        dry_run_text,
-        on_signals,
-        parse_devices,
-        parse_shard,
-        plan,
-        raise_interrupted,
-        select,
-        shard,
-    )
-
     matrix, runner = _setup(args)
     try:
         if args.executor == "ray":  # the Ray cluster's resources decide, not this machine's devices
-            from .ray_executor import ray_slots
-
             slots = ray_slots(args.devices or args.device, args.jobs_per_device or 1, args.threads)
         else:
             slots = parse_devices(args.devices or args.device, _jobs_per_device(args))
@@ -126,8 +131,6 @@ def cmd_run(args) -> int:
         cells = shard(cells, *part)
         print(f"shard {part[0]} of {part[1]}: {len(cells)} cells", file=sys.stderr)
     if args.recompute_mismatched:
-        from .schedule import drop_mismatched
-
         results, models = drop_mismatched(cells, runner, slots[0].threads)
         print(f"--recompute-mismatched: {results} finished cell(s) and {models} backdoored model(s) computed with "
               f"other numerics than this run's will be recomputed", file=sys.stderr)
@@ -150,14 +153,6 @@ def cmd_run(args) -> int:
 
 def _run_planned(args, matrix, runner, cells, p, slots) -> int:
     from .report import write_report
-    from .schedule import (
-        check_writable,
-        earlier_failure,
-        execute,
-        numerics_conflict,
-        preflight,
-        remove_if_empty,
-    )
 
     # everything that can fail before training fails here, with one line (and no folder left behind)
     created = []
@@ -168,7 +163,7 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
     except BaseException:
         remove_if_empty(created)
         raise
-    retried = sum(1 for c in p.todo if (earlier_failure(runner, c) or {}).get("cause") == "environment")
+    retried = sum(1 for c in p.todo if (earlier_failure(runner.store, c) or {}).get("cause") == "environment")
     if retried:
         print(f"retrying {retried} cell(s) whose earlier failure came from the environment "
               f"(data, disk, memory, interruption)", file=sys.stderr)
@@ -179,8 +174,6 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
         print(args.threads_note, file=sys.stderr)
     slurm = None
     if args.executor == "slurm":
-        from .slurm_executor import SlurmOptions
-
         for flag, value, low in (("--slurm-time", args.slurm_time, 1), ("--slurm-gpus", args.slurm_gpus, 0),
                                  ("--slurm-cpus", args.slurm_cpus, 1), ("--cells-per-job", args.cells_per_job, 1)):
             if value < low:
@@ -212,10 +205,8 @@ def _run_planned(args, matrix, runner, cells, p, slots) -> int:
 
 def _jobs_per_device(args) -> int:
     """--jobs-per-device, else on a CPU run that names no thread count one worker per core (see
-    :data:`~bench.schedule.DEFAULT_CPU_WORKERS_MAX`), else 1 (a thread count given alone keeps the
+    :data:`~bench.execution.plan.DEFAULT_CPU_WORKERS_MAX`), else 1 (a thread count given alone keeps the
     run in one process)."""
-    from .schedule import default_cpu_workers
-
     if args.jobs_per_device is not None:
         return args.jobs_per_device
     named_threads = args.threads is not None or os.environ.get("BENCH_THREADS", "").strip()
@@ -228,8 +219,6 @@ def _jobs_per_device(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-    from .schedule import numerics_conflict
-
     matrix, runner = _setup(args)
     if not any(runner.result_path(c).exists() for c in matrix.cells):
         raise ConfigError(f"report: no cell of matrix '{matrix.name}' has finished in {runner.store.root}; run it "

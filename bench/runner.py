@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,8 @@ from .core.defense import DefenseContext, Observations, Outcome
 from .core.models import ModelFactory
 from .core.tensors import round_robin, stream
 from .core.trainer import Checkpoint, Trainer
-from .matrix import Cell, Matrix
-from .store import Store, atomic_write_bytes, atomic_write_json, digest
+from .matrix import Cell
+from .store import Store, atomic_write_bytes, digest
 
 log = logging.getLogger("bench")
 
@@ -116,15 +115,6 @@ def numerics(device, bf16: bool) -> dict:
         name = f"cuda ({torch.cuda.get_device_name(dev)})"
     return {"device": name, "dtype": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
             "torch": torch.__version__}
-
-
-@dataclass
-class CellOutcome:
-    cell: Cell
-    status: str  # "cached" (before the run) | "done" (computed here) | "elsewhere" (by another process) | "failed"
-    result: dict | None = None
-    error: str | None = None
-    seconds: float = 0.0
 
 
 @dataclass
@@ -305,19 +295,20 @@ class Runner:
         return row
 
     def run_cell(self, cell: Cell, wait: bool = True) -> dict:
-        """The cell's result, computed here unless the store has it (``self.computed`` says which).
+        """The cell's result, computed here unless the store has it."""
+        return self.compute(cell, wait)[0]
+
+    def compute(self, cell: Cell, wait: bool = True) -> tuple[dict, bool]:
+        """``(the cell's result, whether this call computed it)``: from the store when it has it.
         With ``wait=False``, :class:`~bench.store.Held` when another process is computing it."""
-        self.computed = False
         cached = self.finished(cell)
         if cached is not None:
-            return cached
+            return cached, False
         with self.store.lock("result", cell.key, wait=wait):
             cached = self.finished(cell)  # another process may have finished it meanwhile
             if cached is not None:
-                return cached
-            row = self._run_cell(cell)
-            self.computed = True
-            return row
+                return cached, False
+            return self._run_cell(cell), True
 
     def _run_cell(self, cell: Cell) -> dict:
         ds = self.dataset(cell)
@@ -409,21 +400,6 @@ class Runner:
                 out.append({"tag": tag, "kind": "scores",
                             **metrics.score_separation(scores, poisoned.is_poison[indices])})
         return out
-
-    # --- a whole matrix ---------------------------------------------------------------------------
-    def run(self, matrix: Matrix, progress="stderr", retry_failed: bool = True) -> list[CellOutcome]:
-        """Run every cell of ``matrix`` in this process (see :mod:`bench.schedule` for workers)."""
-        from .schedule import execute, plan
-
-        return execute(plan(matrix.cells, self, retry_failed), self, slots=None, progress=progress)
-
-    def failure_path(self, cell: Cell):
-        return self.store.root / "failures" / f"{cell.key}.json"
-
-    def record_failure(self, cell: Cell, error: str, tb: str) -> None:
-        """``error.cause`` (see :class:`~bench.schedule.Failure`) decides whether the next run retries it."""
-        atomic_write_json(self.failure_path(cell), {"cell": cell.label, "error": str(error), "traceback": tb,
-                                                    "cause": getattr(error, "cause", "cell")})
 
     def cell_log(self, cell: Cell) -> logging.Handler:
         """Attach a log file for this cell to the root logger (the caller removes it)."""

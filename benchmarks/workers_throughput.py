@@ -18,7 +18,8 @@ import torch
 
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import Slot, execute, plan
+from bench.execution.loop import execute
+from bench.execution.plan import Slot, plan
 from bench.store import Store
 
 

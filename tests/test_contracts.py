@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, matrix_dict
 
+from bench.execution.loop import run_matrix
 from bench.core.attack import PoisonedSet, TriggeredTest
 from bench.core.data import load_dataset
 from bench.core.models import build_model, interface_problems
@@ -77,7 +78,7 @@ def defended(tmp_path_factory):
     m = parse_matrix(matrix_dict(defenses=defenses, recipe={**matrix_dict()["recipe"], "epochs": 3},
                                  reserve_ratio=0.05))
     runner = Runner(Store(tmp_path_factory.mktemp("contract")))
-    return {o.cell.defense.key: o for o in runner.run(m, progress=None)}
+    return {o.cell.defense.key: o for o in run_matrix(m, runner, progress=None)}
 
 
 @pytest.mark.slow

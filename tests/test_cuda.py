@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, matrix_dict
 
+from bench.execution.loop import run_matrix
 from bench.core.models import build_model
 from bench.core.trainer import Recipe, Trainer
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import execute, parse_devices, plan
+from bench.execution.loop import execute
+from bench.execution.plan import parse_devices, plan
 from bench.store import Store
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,7 +39,7 @@ def test_every_defense_and_the_natural_backdoor_evaluation_run_on_cuda(tmp_path)
           "eval_size": 100}
     m = parse_matrix(matrix_dict(attacks=["badnet", "wanet"], defenses=quick["defenses"], evaluate=[ev],
                                  recipe=quick["recipe"]))
-    outcomes = Runner(Store(tmp_path), device="cuda").run(m, progress=None)
+    outcomes = run_matrix(m, Runner(Store(tmp_path), device="cuda"), progress=None)
     failed = [(o.cell.label, o.error) for o in outcomes if o.status != "done"]
     assert not failed, failed
     base = next(o.result for o in outcomes if o.cell.attack.key == "badnet" and o.cell.defense.key == "undefended")

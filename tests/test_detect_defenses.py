@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.badnet import BadNet
+from bench.execution.loop import run_matrix
 from bench.core.data import load_dataset
 from bench.core.defense import DefenseContext
 from bench.core.models import small_cnn
@@ -239,7 +240,7 @@ def test_end_to_end_through_runner(tmp_path):
                         {"name": "scanft", "repair_epochs": 1, "threshold": 0.0},
                         {"name": "nonlinearity", "e1_epochs": 1, "e2_epochs": 1}]}
     matrix = parse_matrix(raw)
-    outcomes = Runner(Store(tmp_path)).run(matrix, progress=None)
+    outcomes = run_matrix(matrix, Runner(Store(tmp_path)), progress=None)
     assert [o.status for o in outcomes] == ["done"] * 5, [o.error for o in outcomes]
     rows = {(o.result["defense"], o.result["clean_data"]): o.result for o in outcomes}
     for key in ("abl", "dbr", "nonlinearity"):

@@ -3,7 +3,8 @@ every kind of work is measured."""
 from conftest import matrix_dict
 
 from bench.matrix import parse_matrix
-from bench.schedule import CostModel, Progress
+from bench.execution.cost import CostModel
+from bench.execution.progress import Progress
 
 RECIPE = {"epochs": 10, "batch_size": 64}
 

@@ -8,7 +8,8 @@ from conftest import matrix_dict
 from bench.cli import main
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import Failure, failure_cause, plan
+from bench.execution.failures import Failure, failure_cause, failure_path, record_failure
+from bench.execution.plan import plan
 from bench.store import Store
 
 RECIPE = {"epochs": 2, "batch_size": 64, "crop_padding": 1, "flip": False}
@@ -40,11 +41,11 @@ def test_missing_data_then_a_corrected_rerun_runs_the_cells(tmp_path, capsys):
 def test_failures_keep_their_cause_and_environmental_ones_are_retried(tmp_path):
     cells = parse_matrix(matrix_dict(seeds=[0, 1, 2, 3], recipe=RECIPE)).cells
     runner = Runner(Store(tmp_path))
-    runner.record_failure(cells[0], Failure("OSError(28, 'No space left on device')"), "tb")
-    runner.record_failure(cells[1], Failure("ZeroDivisionError('division by zero')"), "tb")
-    runner.record_failure(cells[2], Failure("worker died: BrokenProcessPool()"), "tb")
+    record_failure(runner.store, cells[0], Failure("OSError(28, 'No space left on device')", "environment"), "tb")
+    record_failure(runner.store, cells[1], Failure("ZeroDivisionError('division by zero')"), "tb")
+    record_failure(runner.store, cells[2], Failure("worker died: BrokenProcessPool()", "environment"), "tb")
     # a record written before causes existed: the cause is read from the error text
-    runner.failure_path(cells[3]).write_text(json.dumps(
+    failure_path(runner.store, cells[3]).write_text(json.dumps(
         {"cell": "x", "error": "DataNotFoundError(\"dataset 'mnist' not found\")", "traceback": ""}))
     p = plan(cells, runner, retry_failed=False)
     assert p.failed_before == [cells[1]]  # only the cell's own failure waits for --retry-failed
@@ -57,12 +58,12 @@ def test_failure_cause_from_the_exception():
 
     from bench.core.data import DataError
 
-    assert failure_cause("x", OSError(30, "Read-only file system")) == "environment"
-    assert failure_cause("x", zipfile.BadZipFile("bad")) == "environment"
-    assert failure_cause("x", DataError("bad")) == "environment"
-    assert failure_cause("x", MemoryError()) == "environment"
-    assert failure_cause("ValueError('x')", ValueError("x")) == "cell"
-    assert failure_cause("KeyError('acc')") == "cell"
+    assert failure_cause(OSError(30, "Read-only file system")) == "environment"
+    assert failure_cause(zipfile.BadZipFile("bad")) == "environment"
+    assert failure_cause(DataError("bad")) == "environment"
+    assert failure_cause(MemoryError()) == "environment"
+    assert failure_cause(ValueError("x")) == "cell"
+    assert failure_cause(KeyError("acc")) == "cell"
     import pickle
 
     f = pickle.loads(pickle.dumps(Failure("boom", "environment")))

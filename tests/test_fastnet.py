@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from bench.execution.loop import run_matrix
 from bench.core import trainer as trainer_mod
 from bench.core.data import ImageSet
 from bench.core.fastnet import FastNet, whitening_weights
@@ -267,7 +268,7 @@ def test_every_defense_runs_on_fastnet(tmp_path):
     defenses = [{"name": key, **shrunk(DEFENSES.get(key))} for key in DEFENSES.names()]
     m = parse_matrix(matrix_dict(models=["fastnet"], defenses=defenses, reserve_ratio=0.05,
                                  recipe={"preset": "fast", "epochs": 2, "batch_size": 128, "lr": 0.5}))
-    outcomes = {o.cell.defense.key: o for o in Runner(Store(tmp_path / "runs")).run(m, progress=None)}
+    outcomes = {o.cell.defense.key: o for o in run_matrix(m, Runner(Store(tmp_path / "runs")), progress=None)}
     failed = {k: o.error for k, o in outcomes.items() if o.status != "done"}
     assert not failed
     clp = outcomes["clp"].result["info"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import matrix_dict
 
-import bench.schedule
+import bench.cli
 from bench.cli import main
 from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
@@ -110,7 +110,7 @@ def no_training(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a bad matrix reached execution")
 
-    monkeypatch.setattr(bench.schedule, "execute", refuse)
+    monkeypatch.setattr(bench.cli, "execute", refuse)
 
 
 def _run_cli(tmp_path, capsys, text):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, matrix_dict
 
+from bench.execution.loop import run_matrix
 from bench.core.models import build_model
 from bench.core.params import ConfigError
 from bench.core.registry import ATTACKS
@@ -135,7 +136,7 @@ def test_clean_training_through_the_runner(tmp_path, threshold):
           "eval_size": 40}
     m = parse_matrix(matrix_dict(attacks=["none"], evaluate=[ev], recipe={**TINY_RECIPE, "epochs": 4}))
     runner = Runner(Store(tmp_path))
-    (out,) = runner.run(m, progress=None)
+    (out,) = run_matrix(m, runner, progress=None)
     assert out.status == "done", out.error
     r = out.result
     assert r["n_poison"] == 0 and math.isnan(r["asr"])

@@ -177,7 +177,7 @@ def test_editing_your_own_component_recomputes_its_results(tmp_path, python_env)
 
 
 def test_a_cpu_run_that_names_no_threads_gets_one_single_threaded_worker_per_core(tmp_path, monkeypatch, capsys):
-    from bench.schedule import DEFAULT_CPU_WORKERS_MAX, default_cpu_workers
+    from bench.execution.plan import DEFAULT_CPU_WORKERS_MAX, default_cpu_workers
 
     assert default_cpu_workers(2) == 2 and default_cpu_workers(1) == 1
     assert default_cpu_workers(64) == DEFAULT_CPU_WORKERS_MAX

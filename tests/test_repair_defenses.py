@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.execution.loop import run_matrix
 from bench.core.data import ImageSet, load_dataset
 from bench.core.defense import DefenseContext
 from bench.core.models import Classifier, build_model
@@ -360,7 +361,7 @@ def test_end_to_end_runner_digits(tmp_path, threshold):
                         "clp", {"name": "cutmix", "repair_epochs": 1},
                         {"name": "cutmix", "mode": "scratch"}]}
     matrix = parse_matrix(raw)
-    outcomes = Runner(Store(tmp_path)).run(matrix, progress=None)
+    outcomes = run_matrix(matrix, Runner(Store(tmp_path)), progress=None)
     assert [o.status for o in outcomes] == ["done"] * 7, [o.error for o in outcomes]
     rows = {(o.result["defense"], str(o.result["defense_params"].get("preset") or
                                       o.result["defense_params"].get("mode") or "")): o.result for o in outcomes}

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import matrix_dict
 
+from bench.execution.loop import run_matrix
 from bench.core.defense import Defense, DefenseContext, Needs, Outcome
 from bench.matrix import parse_matrix
 from bench.runner import Runner
@@ -40,7 +41,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     m = parse_matrix(matrix_dict(defenses=["undefended", "test_runner:Spy", "test_runner:Broken"]))
     runner = Runner(Store(root))
-    outcomes = runner.run(m, progress=None)
+    outcomes = run_matrix(m, runner, progress=None)
     return m, runner, outcomes, root
 
 
@@ -103,7 +104,7 @@ def test_rerun_uses_cache_without_training(finished, monkeypatch):
         raise AssertionError("trained although cached")
 
     monkeypatch.setattr(trainer.Trainer, "fit", no_training)
-    outcomes = Runner(Store(root)).run(m, progress=None)
+    outcomes = run_matrix(m, Runner(Store(root)), progress=None)
     status = sorted(o.status for o in outcomes)
     assert status == ["cached", "cached", "failed"]
 
@@ -140,14 +141,14 @@ def test_clean_reserve_is_clean_and_balanced(digits):
 def test_tampered_backdoor_checkpoint_is_recomputed(tmp_path):
     m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2}))
     runner = Runner(Store(tmp_path))
-    [first] = runner.run(m, progress=None)
+    [first] = run_matrix(m, runner, progress=None)
     [weights] = list((tmp_path / "backdoor").glob("*/weights.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
     for r in (tmp_path / "results").glob("*.json"):
         r.unlink()  # force the cell to need its backdoored model again
-    [again] = Runner(Store(tmp_path)).run(m, progress=None)
+    [again] = run_matrix(m, Runner(Store(tmp_path)), progress=None)
     assert again.status == "done"
     assert again.result["acc"] == first.result["acc"]  # retrained identically (seeded CPU training)
     from bench.store import sha256_file

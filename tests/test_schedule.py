@@ -4,7 +4,8 @@ from conftest import matrix_dict
 from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import execute, parse_devices, plan, select
+from bench.execution.loop import execute
+from bench.execution.plan import parse_devices, plan, select
 from bench.store import Store
 
 
@@ -64,7 +65,7 @@ def test_ray_executor_on_a_local_instance(tmp_path, monkeypatch):
     m = parse_matrix(matrix_dict(recipe={**matrix_dict()["recipe"], "epochs": 2},
                                  defenses=["undefended", "test_runner:Spy"]))
     runner = Runner(Store(tmp_path))
-    from bench.ray_executor import ray_slots
+    from bench.execution.ray_executor import ray_slots
 
     try:
         slots = ray_slots("auto", 2, 1)  # the cluster's resources decide: this one has no GPU

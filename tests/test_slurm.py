@@ -5,7 +5,8 @@ from conftest import TINY_RECIPE, matrix_dict
 
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import execute, plan
+from bench.execution.loop import execute
+from bench.execution.plan import plan
 from bench.store import Store, digest
 
 
@@ -15,7 +16,7 @@ def _cells(seeds, epochs=2):
 
 
 def test_backdoored_models_get_a_job_each_and_cells_are_packed_by_poisoned_set():
-    from bench.slurm_executor import pack
+    from bench.execution.slurm_executor import pack
 
     cells = _cells(range(3))
     tasks = [(i, "cell", c) for i, c in enumerate(cells)] + [(10 + i, "backdoor", c) for i, c in enumerate(cells[::2])]
@@ -32,7 +33,7 @@ def test_backdoored_models_get_a_job_each_and_cells_are_packed_by_poisoned_set()
 @pytest.mark.slow
 def test_a_matrix_runs_as_jobs_and_every_cell_reports(tmp_path):
     pytest.importorskip("submitit")
-    from bench.slurm_executor import SlurmOptions
+    from bench.execution.slurm_executor import SlurmOptions
 
     runner = Runner(Store(tmp_path))
     cells = _cells(range(2))

@@ -9,7 +9,8 @@ from conftest import TINY_RECIPE, matrix_dict
 from bench.core.params import ConfigError
 from bench.matrix import parse_matrix
 from bench.runner import Runner
-from bench.schedule import _run_task, parse_shard, shard
+from bench.execution.plan import parse_shard, shard
+from bench.execution.tasks import run_task
 from bench.store import Store
 
 
@@ -46,13 +47,13 @@ def test_a_held_cell_is_skipped_then_waited_for(tmp_path):
     store = Store(tmp_path)
     runner = Runner(store)
     with store.lock("backdoor", cell.backdoor_key):  # "another process" trains it
-        assert _run_task(runner, "backdoor", cell)[0] == "held"
-    assert _run_task(runner, "backdoor", cell)[0] == "done"
+        assert run_task(runner, "backdoor", cell).status == "held"
+    assert run_task(runner, "backdoor", cell).status == "done"
     with store.lock("result", cell.key):
-        assert _run_task(runner, "cell", cell)[0] == "held"
-    status, row, _, _ = _run_task(runner, "cell", cell, wait=True)
-    assert status == "done" and row["acc"] > 0
-    assert _run_task(Runner(store), "cell", cell)[0] == "elsewhere"  # a second runner finds it finished
+        assert run_task(runner, "cell", cell).status == "held"
+    r = run_task(runner, "cell", cell, wait=True)
+    assert r.status == "done" and r.row["acc"] > 0
+    assert run_task(Runner(store), "cell", cell).status == "elsewhere"  # a second runner finds it finished
 
 
 def _counts(err):

@@ -10,5 +10,5 @@
 * :mod:`bench.core.attack`, :mod:`bench.core.defense`, :mod:`bench.core.evaluation`: the base
   classes of the components.
 
-Nothing here imports the components or the roof (runner, schedule, CLI, report).
+Nothing here imports the components or the roof (runner, execution, CLI, report).
 """

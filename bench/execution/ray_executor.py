@@ -4,8 +4,8 @@ The Ray cluster's resources decide where tasks run, not this machine's devices (
 without a GPU can drive a GPU cluster): with ``--devices auto`` tasks use GPUs when the cluster has
 any, ``--devices cuda`` requires them and ``--devices cpu`` never uses them.  A GPU task asks for
 ``1 / --jobs-per-device`` of a GPU, so that many tasks share one; a CPU task asks for as many CPUs
-as ``--threads`` (default 1).  Each worker process keeps one runner per setting, so a dataset is
-loaded once per worker, not once per task.  A task whose worker dies is retried
+as ``--threads`` (default 1).  Each worker process keeps one runner per setting (:func:`~bench.execution.tasks.worker_runner`),
+so a dataset is loaded once per worker, not once per task.  A task whose worker dies is retried
 (:data:`MAX_RETRIES`): the store's writes are atomic and idempotent.  On a cluster, start Ray (``ray start --head`` / ``--address``),
 set ``RAY_ADDRESS``, and point ``--output`` at a filesystem every node sees: the artifact store is
 the only channel between tasks, and its atomic writes and file locks make concurrent tasks safe.
@@ -13,36 +13,24 @@ Without ``RAY_ADDRESS`` a local Ray instance is started.
 """
 from __future__ import annotations
 
-import json
 import os
+import socket
 import sys
 import traceback
+
+from .failures import Failure
+from .plan import Slot
+from .tasks import TaskResult, WorkerSpec, run_task, worker_runner
 
 #: retries of a task whose worker died (an out-of-memory kill, a lost node)
 MAX_RETRIES = 2
 
-#: per worker process: one runner per setting, so its datasets stay loaded between tasks
-_RUNNERS: dict = {}
-
-
-def _task(kind, cell, store_root, options, device, threads):
-    import torch
-
-    from .runner import Runner
-    from .schedule import _run_task
-    from .store import Store
-
-    torch.set_num_threads(threads)
-    for what, path in (("--output (the store)", store_root), ("--data-root", options.get("data_root"))):
+def _task(kind, cell, spec: WorkerSpec) -> TaskResult:
+    for what, path in (("--output (the store)", spec.store_root), ("--data-root", spec.options.get("data_root"))):
         if path is not None and not os.path.isdir(path):
-            import socket
-
             raise RuntimeError(f"{what} '{path}' is not visible on node {socket.gethostname()}: put it on a "
                                f"filesystem every node mounts, at the same path")
-    key = json.dumps([store_root, options, device], sort_keys=True, default=str)
-    if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(Store(store_root), device=device, **options)
-    return _run_task(_RUNNERS[key], kind, cell, True)  # Ray schedules each task once: wait for a held lock
+    return run_task(worker_runner(spec), kind, cell, True)  # Ray schedules each task once: wait for a held lock
 
 
 def _connect(num_cpus: int | None = None):
@@ -62,8 +50,6 @@ def _connect(num_cpus: int | None = None):
 
 def ray_slots(spec: str, jobs_per_device: int, threads: int):
     """Nominal slots for ``--executor ray``: one kind of device, chosen from the cluster's resources."""
-    from .schedule import Slot
-
     try:
         ray = _connect()
     except ImportError as e:
@@ -76,7 +62,7 @@ def ray_slots(spec: str, jobs_per_device: int, threads: int):
 
 
 class RayExecutor:
-    """Tasks as Ray tasks (the protocol of :func:`bench.schedule.drive`)."""
+    """Tasks as Ray tasks (the protocol of :mod:`bench.execution.executors`)."""
 
     def __init__(self, runner, slots):
         try:
@@ -91,13 +77,12 @@ class RayExecutor:
         per_gpu = max(1, len(slots) // max(1, len({s.device for s in slots})))
         self.remote = ray.remote(num_gpus=1 / per_gpu if gpu else 0, num_cpus=0 if gpu else threads,
                                  max_retries=MAX_RETRIES)(_task)
-        self.args = (str(runner.store.root.resolve()), runner.options(), "cuda" if gpu else "cpu",
-                     threads)  # Ray sets each task's visible GPU
+        self.spec = WorkerSpec.of(runner, "cuda" if gpu else "cpu", threads)  # Ray sets each task's visible GPU
         self.slots = len(slots)
         self.pending = {}
 
     def submit(self, tag, kind, cell, wait):
-        self.pending[self.remote.remote(kind, cell, *self.args)] = tag
+        self.pending[self.remote.remote(kind, cell, self.spec)] = tag
 
     def wait_any(self):
         if not self.pending:
@@ -108,9 +93,8 @@ class RayExecutor:
             try:
                 result = self.ray.get(ref)
             except Exception as e:  # the task or its worker died, retries spent
-                from .schedule import Failure
-
-                result = ("failed", Failure(f"ray task died: {e!r}", "environment"), traceback.format_exc(), 0.0)
+                result = TaskResult("failed", 0.0, failure=Failure(f"ray task died: {e!r}", "environment"),
+                                    traceback=traceback.format_exc())
             out.append((self.pending.pop(ref), result))
         return out
 

@@ -1,5 +1,5 @@
 """SLURM executor (through submitit): the plan's tasks as cluster jobs, under the same task-graph
-loop as every executor (:func:`bench.schedule.drive`).
+loop as every executor (:func:`bench.execution.loop.drive`).
 
 Backdoored models are submitted first, each as a job of its own; a model's cells are submitted when
 its job has returned, as the local executor orders them.  Cells submitted together are packed into
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+from .failures import Failure
+from .tasks import BACKDOOR, CELL, TaskResult, WorkerSpec, run_task, worker_runner
 
 
 #: seconds between two polls of the submitted jobs (on SLURM; local and debug jobs are polled faster)
@@ -42,25 +45,18 @@ class SlurmOptions:
 def pack(tasks: list, per_job: int) -> list[list]:
     """Tasks ``(tag, kind, cell)`` as jobs: each backdoored model alone (the long trainings run side by
     side on the cluster), cells in jobs of at most ``per_job``, one poisoned set's cells adjacent."""
-    cells = sorted((t for t in tasks if t[1] == "cell"), key=lambda t: t[2].backdoor_key)
-    return [[t] for t in tasks if t[1] == "backdoor"] + [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
+    cells = sorted((t for t in tasks if t[1] == CELL), key=lambda t: t[2].backdoor_key)
+    return [[t] for t in tasks if t[1] == BACKDOOR] + [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
 
 
-def _job(tasks, store_root, options, device, threads):
-    """One job: its ``(kind, cell)`` tasks in order.  Returns ``_run_task``'s result per task."""
-    import torch
-
-    from .runner import Runner
-    from .schedule import _run_task
-    from .store import Store
-
-    torch.set_num_threads(threads)
-    runner = Runner(Store(store_root), device=device, **options)
-    return [_run_task(runner, kind, cell, True) for kind, cell in tasks]
+def _job(tasks, spec: WorkerSpec) -> list[TaskResult]:
+    """One job: its ``(kind, cell)`` tasks in order."""
+    runner = worker_runner(spec)
+    return [run_task(runner, kind, cell, True) for kind, cell in tasks]
 
 
 class SlurmExecutor:
-    """Jobs through submitit (the protocol of :func:`bench.schedule.drive`)."""
+    """Jobs through submitit (the protocol of :mod:`bench.execution.executors`)."""
 
     def __init__(self, runner, options: SlurmOptions):
         try:
@@ -77,7 +73,7 @@ class SlurmExecutor:
                 params["slurm_partition"] = options.partition
         self.ex.update_parameters(name="bench", **params)
         device = "cuda" if options.gpus and self.ex.cluster == "slurm" else "cpu"
-        self.args = (str(runner.store.root.resolve()), runner.options(), device, options.cpus)
+        self.spec = WorkerSpec.of(runner, device, options.cpus)
         self.slots = 1 << 30  # the cluster queues what it cannot run yet
         self.buffer, self.jobs = [], []
 
@@ -86,7 +82,7 @@ class SlurmExecutor:
 
     def _flush(self):
         for group in pack(self.buffer, self.options.cells_per_job):
-            job = self.ex.submit(_job, [(kind, cell) for _, kind, cell in group], *self.args)
+            job = self.ex.submit(_job, [(kind, cell) for _, kind, cell in group], self.spec)
             self.jobs.append((job, [tag for tag, _, _ in group]))
         self.buffer = []
 
@@ -105,9 +101,8 @@ class SlurmExecutor:
             try:
                 results = j.result()
             except Exception as e:  # the job failed as a whole (time limit, node failure): rerun retries it
-                from .schedule import Failure
-
-                results = [("failed", Failure(f"job {j.job_id} failed: {e!r}", "environment"), None, 0.0)] * len(tags)
+                results = [TaskResult("failed", 0.0, failure=Failure(f"job {j.job_id} failed: {e!r}", "environment"))
+                           ] * len(tags)
             out += list(zip(tags, results))
         return out
 
