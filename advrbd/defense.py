@@ -166,6 +166,12 @@ class AdvrBD(Defense):
     flag_ratio_high: float = 0.6
 
     display_name = "AdvrBD"
+    #: the method this benchmark studies: the report compares every defense with it
+    is_reference_method = True
+    extra_model_tables = {"relearn": (
+        "Relabel + relearn (the AdvrBD paper's Table IV): the clean model before and after",
+        "relearn: the declared-poisoned samples relabelled by the clean model, then the clean model fine-tuned "
+        "on the whole relabelled set")}
 
     version = 4
     #: parameters added after results were keyed, at the value that reproduces the earlier behaviour

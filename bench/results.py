@@ -31,12 +31,44 @@ from pathlib import Path
 
 import pandas as pd
 
+from .core.evaluation import INVERTED_TRIGGERS
+from .core.params import ConfigError
+from .core.registry import DEFENSES, EVALUATIONS
 from .store import Store
 
 METRICS = ("acc", "acc_nontarget", "target_recall", "asr", "ra")
 #: the columns that identify a poisoned set and its training: an undefended cell matching on all
 #: of them is the baseline of a defended one
 POISON_COLUMNS = ("dataset", "train_limit", "test_limit", "model", "attack", "seed")
+
+
+def defense_class(key: str):
+    """The registered class of a stored result's defense key, or None (a user's component that no
+    longer imports)."""
+    try:
+        return DEFENSES.get(key)
+    except ConfigError:
+        return None
+
+
+def is_baseline(row: dict) -> bool:
+    """Whether the row is the undefended baseline's (the component says so: ``Defense.is_baseline``)."""
+    return bool(getattr(defense_class(row.get("defense")), "is_baseline", False))
+
+
+def is_reference_method(row: dict) -> bool:
+    """Whether the row is the studied method's (``Defense.is_reference_method``)."""
+    return bool(getattr(defense_class(row.get("defense")), "is_reference_method", False))
+
+
+def evaluation_keys(summary_kind: str) -> list[str]:
+    """The keys under which results store the summaries of every evaluation of this kind."""
+    return [key for key, cls in EVALUATIONS.items() if getattr(cls, "summary_kind", "") == summary_kind]
+
+
+def inverted_triggers(row: dict) -> dict:
+    """The row's inverted-trigger summary (an evaluation of kind INVERTED_TRIGGERS), or {}."""
+    return next((row[k] for k in evaluation_keys(INVERTED_TRIGGERS) if row.get(k)), {})
 
 
 def _scalar(v):
@@ -66,7 +98,7 @@ def flatten(row: dict) -> dict:
     for name, ev in (row.get("extra") or {}).items():
         for k in ("acc", "acc_nontarget", "asr"):
             out[f"{name}.{k}"] = ev.get(k)
-    nat = row.get("natural_backdoor") or {}
+    nat = inverted_triggers(row)
     for b, asr in zip(nat.get("budgets", []), nat.get("asr_max", [])):
         out[f"natural.asr@{b:g}"] = asr
     if nat:
@@ -89,7 +121,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
         df[f"undefended.{k}"] = pd.to_numeric(df[f"undefended.{k}"], errors="coerce")
     attack_params = sorted(c for c in df.columns if c.startswith(("attack.", "recipe.")))
     match = [c for c in (*POISON_COLUMNS, *attack_params) if c in df.columns]
-    base = df[df["defense"] == "undefended"]
+    base = df[[bool(getattr(defense_class(k), "is_baseline", False)) for k in df["defense"]]]
     if len(base):
         _fill_undefended(df, base, match)
         # results stored before the test slice was recorded: match them on everything else

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.core.data import ImageSet
-from bench.core.evaluation import Evaluation
+from bench.core.evaluation import INVERTED_TRIGGERS, Evaluation
 from bench.core.registry import register_evaluation
 from bench.core.tensors import rank_within_class, stream
 from bench.core.trainer import Trainer
@@ -120,6 +120,7 @@ class NaturalBackdoor(Evaluation):
     """Natural-backdoor ASR by hard-budget trigger inversion for every label."""
 
     version: ClassVar[int] = 2
+    summary_kind: ClassVar[str] = INVERTED_TRIGGERS
 
     #: hard mask-area budgets as fractions of H*W (NONE's 2..12 %)
     budgets: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)

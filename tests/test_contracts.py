@@ -114,15 +114,6 @@ def test_the_runner_refuses_flagged_indices_that_are_not_training_indices(flags,
     assert checked_flags(torch.tensor([4, 2]), 100, "D").tolist() == [4, 2]
 
 
-def test_a_defense_with_the_old_requirement_flags_is_refused():
-    from bench.core.defense import Defense
-
-    with pytest.raises(TypeError, match="override needs|overriding needs"):
-        @dataclasses.dataclass
-        class Old(Defense):
-            needs_backdoored_model = True
-
-
 # --- evaluations, datasets, models ----------------------------------------------------------------
 
 @pytest.mark.parametrize("key", EVALUATIONS.names())

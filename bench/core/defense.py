@@ -191,22 +191,19 @@ class Defense(Registered):
     key: ClassVar[str] = ""
     kind: ClassVar[str] = "defense"
     #: bump when the defense's output changes, so cached results are recomputed (a test checks it
-    #: against ``bench/core/versions.json``; see the README)
+    #: against ``bench/versions.json``; see the README)
     version: ClassVar[int] = 1
     #: the name shown in reports (defaults to the key)
     display_name: ClassVar[str] = ""
-    #: True for the undefended baseline, whose model is the backdoored model itself
+    # --- roles in the report (declared here, so that the report names no component) ---------------
+    #: True for the undefended baseline, whose model is the backdoored model itself: every defense
+    #: is compared with it, and its ASR says whether an attack implanted
     is_baseline: ClassVar[bool] = False
-
-    #: the requirement flags of earlier versions; a class that still sets one is refused (see :meth:`needs`)
-    _OLD_FLAGS: ClassVar[tuple[str, ...]] = ("needs_backdoored_model", "uses_clean_data", "trains")
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        old = [name for name in cls._OLD_FLAGS if name in vars(cls)]
-        if old:
-            raise TypeError(f"{cls.__name__} sets {', '.join(old)}; declare requirements by overriding needs(), "
-                            f"e.g. def needs(self): return Needs(backdoored_model=True)")
+    #: True for the method the benchmark studies: the report compares every other defense with it too
+    is_reference_method: ClassVar[bool] = False
+    #: further models the defense returns (``Outcome.extra_models``) that the report shows beside the
+    #: defended one: name -> (table caption, note)
+    extra_model_tables: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def needs(self) -> Needs:
         """What this defense needs from the harness, given its parameters (default: a fresh model

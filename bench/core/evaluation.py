@@ -18,6 +18,11 @@ from .params import params_of
 from .registry import Registered
 
 
+#: a summary of per-label inverted triggers: ``budgets``, ``asr_max`` (per budget), ``asr_max_label``,
+#: ``anomaly_max`` and ``flagged`` (the natural-backdoor evaluation's)
+INVERTED_TRIGGERS = "inverted_triggers"
+
+
 @dataclass(frozen=True)
 class Evaluation(Registered):
     """Base class of all evaluations."""
@@ -26,6 +31,9 @@ class Evaluation(Registered):
     kind: ClassVar[str] = "evaluation"
     #: bump when the evaluation's output changes, so cached results are recomputed
     version: ClassVar[int] = 1
+    #: the shape of its ``summary()`` the report knows how to tabulate ("" : none; see
+    #: :data:`INVERTED_TRIGGERS`)
+    summary_kind: ClassVar[str] = ""
 
     def params(self) -> dict:
         return params_of(self)
