@@ -83,8 +83,9 @@ def _report_dir(args, matrix) -> Path:
     return Path(args.report_dir or "reports") / matrix.name
 
 
-def cmd_run(args) -> int:
-    matrix, runner = _setup(args)
+def _slots(args) -> list:
+    """The device slots of ``run``, each with its CPU thread count (``--threads``, else
+    ``$BENCH_THREADS``, else the default), and ``args.threads_note``: the line that says why."""
     try:
         if args.executor == "ray":  # the Ray cluster's resources decide, not this machine's devices
             slots = ray_slots(args.devices or args.device, args.jobs_per_device or 1, args.threads)
@@ -115,6 +116,12 @@ def cmd_run(args) -> int:
               "--jobs-per-device N --threads 1 avoids it" if slots[0].threads > 1 else "")
     args.threads_note = (f"CPU threads per worker: {slots[0].threads} ({why}{advice})"
                          if slots[0].device == "cpu" else None)
+    return slots
+
+
+def cmd_run(args) -> int:
+    matrix, runner = _setup(args)
+    slots = _slots(args)
     runner.checkpoint_every_s = args.checkpoint_every
     if args.checkpoint_epochs is not None and args.checkpoint_epochs < 1:
         raise ConfigError(f"--checkpoint-epochs: {args.checkpoint_epochs} is out of range; allowed: >= 1")
@@ -397,31 +404,31 @@ def cmd_docs(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(sp) -> None:
+    """The arguments every command that reads a matrix takes."""
+    sp.add_argument("matrix", nargs="?", help=f"matrix YAML (default: {DEFAULT_MATRIX})")
+    sp.add_argument("--data-root", help="where datasets live (else the matrix's data_root, "
+                                        "else $BENCH_DATA_ROOT, else ./data)")
+    sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
+    sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    sp.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                    help="every training and forward pass of every cell in this dtype, replacing the "
+                         "matrix's recipe.precision (default: the matrix's, whose default is auto: bf16 "
+                         "autocast on CUDA and on CPUs with native bf16, fp32 elsewhere)")
+    sp.add_argument("--allow-mixed-numerics", action="store_true",
+                    help="render a table whose results were computed with different device, dtype, thread "
+                         "count or torch version (refused by default: such numbers are not comparable bit "
+                         "for bit)")
+    sp.add_argument("--set", action="append", metavar="PATH=VALUE",
+                    help="override a matrix field, validated as the YAML is: --set recipe.epochs=5 "
+                         "--set defenses[4].lr=0.005 --set 'attacks=[badnet, blend]' (VALUE is YAML)")
 
-    def common(sp):
-        sp.add_argument("matrix", nargs="?", help=f"matrix YAML (default: {DEFAULT_MATRIX})")
-        sp.add_argument("--data-root", help="where datasets live (else the matrix's data_root, "
-                                            "else $BENCH_DATA_ROOT, else ./data)")
-        sp.add_argument("--output", help="artifact store (default: the matrix's 'output', else ./runs)")
-        sp.add_argument("--report-dir", help="where tables go (default: ./reports/<matrix name>)")
-        sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-        sp.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                        help="every training and forward pass of every cell in this dtype, replacing the "
-                             "matrix's recipe.precision (default: the matrix's, whose default is auto: bf16 "
-                             "autocast on CUDA and on CPUs with native bf16, fp32 elsewhere)")
-        sp.add_argument("--allow-mixed-numerics", action="store_true",
-                        help="render a table whose results were computed with different device, dtype, thread "
-                             "count or torch version (refused by default: such numbers are not comparable bit "
-                             "for bit)")
-        sp.add_argument("--set", action="append", metavar="PATH=VALUE",
-                        help="override a matrix field, validated as the YAML is: --set recipe.epochs=5 "
-                             "--set defenses[4].lr=0.005 --set 'attacks=[badnet, blend]' (VALUE is YAML)")
 
+def _run_parser(sub) -> None:
+    """``run``: its flags."""
     r = sub.add_parser("run", help="run a matrix (resumable; finished cells are skipped)")
-    common(r)
+    _common(r)
     r.add_argument("--devices", help="device slots: auto | cpu | cuda | cuda:0,cuda:1 (default: --device)")
     r.add_argument("--jobs-per-device", type=int, default=None,
                    help="worker processes per device (default: on a CPU run without --threads, one per core up "
@@ -465,8 +472,12 @@ def main(argv=None) -> int:
     r.add_argument("--dry-run", action="store_true",
                    help="print the cells, the trainings to execute (vs naive) and a cost estimate")
     r.set_defaults(fn=cmd_run)
+
+
+def _other_parsers(sub) -> None:
+    """``report``, ``gallery``, ``list``, ``models``, ``export``, ``show``, ``docs``, ``versions``."""
     rep = sub.add_parser("report", help="render tables from a matrix's finished cells")
-    common(rep)
+    _common(rep)
     rep.set_defaults(fn=cmd_report)
     g = sub.add_parser("gallery", help="PNG grid of clean vs triggered examples for every attack")
     g.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
@@ -476,10 +487,10 @@ def main(argv=None) -> int:
     g.set_defaults(fn=cmd_gallery)
     sub.add_parser("list", help="list attacks, defenses, evaluations, datasets and models").set_defaults(fn=cmd_list)
     mo = sub.add_parser("models", help="the checkpoints of a matrix's cells, by cell label")
-    common(mo)
+    _common(mo)
     mo.set_defaults(fn=cmd_models)
     ex = sub.add_parser("export", help="write one cell's model as a state dict (.safetensors, or .pt)")
-    common(ex)
+    _common(ex)
     ex.add_argument("cell", help="the cell's label as `bench models` prints it (or a part naming one cell)")
     ex.add_argument("path", help="output file: .safetensors (as stored) or .pt (torch.save of the state dict)")
     ex.add_argument("--backdoored", action="store_true", help="the undefended model instead of the defended one")
@@ -499,6 +510,17 @@ def main(argv=None) -> int:
                          "change any result)")
     ve.set_defaults(fn=cmd_versions)
 
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Backdoor-defense benchmark harness")
+    sub = p.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _other_parsers(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
