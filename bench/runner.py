@@ -314,33 +314,13 @@ class Runner:
         ds = self.dataset(cell)
         poisoned, trig = self.poisoned(cell)
         backdoor_meta = None
-        needs = cell.defense.needs()
-        if needs.backdoored_model:
+        if cell.defense.needs().backdoored_model:
             self.backdoored(cell)
-            backdoor_meta = self.store.load_json(
-                self.store.dir("backdoor", cell.backdoor_key) / "meta.json")
-
+            backdoor_meta = self.store.load_json(self.store.dir("backdoor", cell.backdoor_key) / "meta.json")
         trainer = self.trainer(cell)
         eval_trainer = Trainer(device=trainer.device, recipe=cell.run_recipe, **self.trainer_options)
         recorded = Observations()
-        # The context is plain data (see bench.core.defense): the cell's own copy of the training set, model
-        # factories without a reference to this runner, and a record of observations evaluated below.
-        backdoored = None
-        if needs.backdoored_model:
-            state = {k: v.detach().cpu().clone() for k, v in self.load_backdoored(cell).state_dict().items()}
-            backdoored = self.model_factory(cell, ds, device=str(trainer.device), state=state)
-        ctx = DefenseContext(
-            train=ImageSet(poisoned.train.x.clone(), poisoned.train.y.clone()),  # no ground truth crosses this line
-            num_classes=ds.num_classes,
-            make_model=self.model_factory(cell, ds, device=str(trainer.device), channels_last=trainer.channels_last),
-            trainer=trainer, seed=cell.seed,
-            clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, cell.seed)
-                           if needs.clean_data else None),
-            log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
-            _backdoored=backdoored, _observations=recorded,
-            _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{cell.key}.pt",
-                                    every_s=self.checkpoint_every_s,
-                                    tag=digest(numerics(self.device, trainer.bf16))))
+        ctx = self._context(cell, ds, poisoned, trainer, recorded)
         t0 = time.time()
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):
@@ -358,7 +338,45 @@ class Runner:
         if backdoor_meta is not None:
             row["backdoor"] = {k: backdoor_meta.get(k) for k in ("acc", "acc_nontarget", "target_recall", "asr", "ra",
                                                                  "wall_time_s", "epoch_equivalents", "numerics")}
-        train_acc, chance = chance_guard(eval_trainer, {"defended": out.model, **out.extra_models}, poisoned.train,
+        self._measure(cell, out, row, eval_trainer, ds, poisoned, trig)
+        if self.save_models:  # before the result, so a result with save_models always has its model
+            self._save_models(cell, out)
+        for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
+            log.info("%s: %s", ev.key, cell.label)
+            row[ev.key] = ev.evaluate(out.model, ds.test, ds.num_classes, eval_trainer, seed=cell.seed).summary()
+        saved = self.store.save_result(self.result_path(cell), row)
+        for phase in (self.store.root / "partial").glob(f"cell-{cell.key}-*.pt"):
+            phase.unlink(missing_ok=True)  # the defense's phase checkpoints (ctx.checkpoint), now obsolete
+        return saved
+
+    def _context(self, cell: Cell, ds: Dataset, poisoned: PoisonedSet, trainer: Trainer,
+                 recorded: Observations) -> DefenseContext:
+        """What the defense sees.  Plain data (see bench.core.defense): the cell's own copy of the
+        training set, model factories without a reference to this runner, and a record of
+        observations the runner evaluates afterwards."""
+        needs = cell.defense.needs()
+        backdoored = None
+        if needs.backdoored_model:
+            state = {k: v.detach().cpu().clone() for k, v in self.load_backdoored(cell).state_dict().items()}
+            backdoored = self.model_factory(cell, ds, device=str(trainer.device), state=state)
+        return DefenseContext(
+            train=ImageSet(poisoned.train.x.clone(), poisoned.train.y.clone()),  # no ground truth crosses this line
+            num_classes=ds.num_classes,
+            make_model=self.model_factory(cell, ds, device=str(trainer.device), channels_last=trainer.channels_last),
+            trainer=trainer, seed=cell.seed,
+            clean_reserve=(clean_reserve(poisoned, cell.reserve_ratio, cell.seed)
+                           if needs.clean_data else None),
+            log=logging.getLogger(f"bench.defense.{cell.defense.key}"),
+            _backdoored=backdoored, _observations=recorded,
+            _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{cell.key}.pt",
+                                    every_s=self.checkpoint_every_s,
+                                    tag=digest(numerics(self.device, trainer.bf16))))
+
+    def _measure(self, cell: Cell, out: Outcome, row: dict, trainer: Trainer, ds: Dataset, poisoned: PoisonedSet,
+                 trig: TriggeredTest) -> None:
+        """Add to ``row`` what the harness measures besides ACC/ASR: the chance guard's training
+        accuracies and warnings, detection against the ground truth, the further models' metrics."""
+        train_acc, chance = chance_guard(trainer, {"defended": out.model, **out.extra_models}, poisoned.train,
                                          cell.seed)
         row["train_acc"] = train_acc
         # one list of everything a reader should know about this number: the defense's own guards and ours
@@ -368,20 +386,13 @@ class Runner:
         if out.flagged is not None:
             row["detection"] = metrics.detection(out.flagged, poisoned.is_poison)
         for name, m in out.extra_models.items():
-            row.setdefault("extra", {})[name] = evaluate(eval_trainer, m, ds.test, trig, ds.num_classes)
-        if self.save_models:  # before the result, so a result with save_models always has its model
-            key = cell.key
-            self.store.save_model("models", key, out.model, {"cell": cell.label, "result": key})
-            for name, m in out.extra_models.items():
-                self.store.save_model("models", f"{key}-{name}", m, {"cell": cell.label, "result": key,
-                                                                     "model": name})
-        for ev in cell.evaluations:  # extra evaluations of the defended model (matrix ``evaluate``)
-            log.info("%s: %s", ev.key, cell.label)
-            row[ev.key] = ev.evaluate(out.model, ds.test, ds.num_classes, eval_trainer, seed=cell.seed).summary()
-        saved = self.store.save_result(self.result_path(cell), row)
-        for phase in (self.store.root / "partial").glob(f"cell-{cell.key}-*.pt"):
-            phase.unlink(missing_ok=True)  # the defense's phase checkpoints (ctx.checkpoint), now obsolete
-        return saved
+            row.setdefault("extra", {})[name] = evaluate(trainer, m, ds.test, trig, ds.num_classes)
+
+    def _save_models(self, cell: Cell, out: Outcome) -> None:
+        key = cell.key
+        self.store.save_model("models", key, out.model, {"cell": cell.label, "result": key})
+        for name, m in out.extra_models.items():
+            self.store.save_model("models", f"{key}-{name}", m, {"cell": cell.label, "result": key, "model": name})
 
     def evaluate_observations(self, cell: Cell, recorded: Observations, trainer: Trainer, poisoned: PoisonedSet,
                               trig: TriggeredTest) -> list[dict]:
