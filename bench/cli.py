@@ -349,14 +349,12 @@ def cmd_export(args) -> int:
 
 def _only_flags(cell) -> str:
     """``--only`` flags that select ``cell`` (and the few cells that share its components and seed)."""
-    from .core.params import label
-
-    def name(component):  # a label with a comma would read as two values
-        return label(component) if "," not in label(component) else component.key
+    def name(label, component):  # a label with a comma would read as two values
+        return label if "," not in label else component.key
 
     return " ".join(f"--only {shlex.quote(f'{k}={v}')}" for k, v in (
-        ("dataset", cell.dataset.name), ("model", cell.model), ("attack", name(cell.attack)),
-        ("defense", name(cell.defense)), ("seed", cell.seed)))
+        ("dataset", cell.dataset.name), ("model", cell.model), ("attack", name(cell.attack_name, cell.attack)),
+        ("defense", name(cell.defense_name, cell.defense)), ("seed", cell.seed)))
 
 
 def cmd_show(args) -> int:

@@ -73,9 +73,11 @@ def _pick(attack: Attack, y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def render_gallery(dataset: str = "digits", data_root: str | None = None, out: str | Path = "gallery.png",
-                   examples: int = 3, seed: int = 0, attacks: list[Attack] | None = None) -> Path:
-    """One row per attack: ``attacks`` as configured (a matrix's), else every registered attack with its
-    default parameters."""
+                   examples: int = 3, seed: int = 0, attacks: list[Attack] | None = None,
+                   names: list[str] | None = None) -> Path:
+    """One row per attack: ``attacks`` as configured (a matrix's; ``names``: their labels there, else
+    each one's name and non-default parameters), else every registered attack with its default
+    parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +86,8 @@ def render_gallery(dataset: str = "digits", data_root: str | None = None, out: s
     ds = load_dataset(dataset, data_root, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT)
     configured = attacks is not None
     attacks = list(attacks) if configured else [cls() for _, cls in ATTACKS.items()]
+    names = list(names) if names is not None else [label(a) if configured else (a.display_name or a.key)
+                                                    for a in attacks]
     c, size = ds.channels, ds.size
     cols = ["trigger"] + [t for i in range(examples) for t in (f"clean {i + 1}", f"triggered {i + 1}")] + \
         [f"|diff| x{DIFF_GAIN:g}", "train poison", "train cover"]
@@ -116,7 +120,7 @@ def render_gallery(dataset: str = "digits", data_root: str | None = None, out: s
                           interpolation="nearest")
             if r == 0:
                 ax.set_title(cols[k], fontsize=7)
-        name = label(attack) if configured else (attack.display_name or attack.key)
+        name = names[r]
         # a long configured label (parameters) wraps at its commas instead of running off the figure
         axes[r][0].set_ylabel(textwrap.fill(name.replace(", ", ",\n") if len(name) > LABEL_WIDTH else name,
                                             LABEL_WIDTH, replace_whitespace=False), fontsize=7)

@@ -121,6 +121,17 @@ def user_code(obj) -> str | None:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """Where a cell's attack or defense stands in the matrix: its label in tables and selections
+    (the entry's ``label``, else the component's name and its non-default parameters) and its place
+    in the YAML (``attacks[2]``), for messages.  The component itself stays pure parameters."""
+
+    label: str
+    field: str
+    index: int
+
+
+@dataclass(frozen=True)
 class Cell:
     dataset: DatasetSpec
     model: str
@@ -137,6 +148,23 @@ class Cell:
     #: the dtype the cell computes in ("fp32" | "bf16"): ``recipe.precision`` resolved for the run's
     #: device (:meth:`Matrix.for_device`); it, not the request, enters the cache keys
     dtype: str | None = None
+    #: the matrix entries of the attack and the defense (None: a cell built outside a matrix)
+    attack_entry: Entry | None = None
+    defense_entry: Entry | None = None
+
+    @property
+    def attack_name(self) -> str:
+        """The attack's label in tables: the matrix entry's, else its name and non-default parameters."""
+        return self.attack_entry.label if self.attack_entry else label(self.attack)
+
+    @property
+    def defense_name(self) -> str:
+        return self.defense_entry.label if self.defense_entry else label(self.defense)
+
+    @property
+    def attack_field(self) -> str:
+        """Where the attack stands in the matrix (``attacks[2]``), else its key: for messages."""
+        return self.attack_entry.field if self.attack_entry else self.attack.key
 
     @property
     def run_recipe(self) -> Recipe:
@@ -190,7 +218,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset.label}/{self.model}/{label(self.attack)}/{label(self.defense)}/seed{self.seed}"
+        return f"{self.dataset.label}/{self.model}/{self.attack_name}/{self.defense_name}/seed{self.seed}"
 
     def row(self) -> dict[str, Any]:
         """The cell's parameters, flattened for the results table."""
@@ -200,7 +228,7 @@ class Cell:
                 "attack_params": params_of(self.attack), "defense_params": params_of(self.defense),
                 "recipe": self.recipe.as_dict(),
                 "clean_data": self.reserve_ratio if self.defense.needs().clean_data else 0.0,
-                "attack_name": label(self.attack), "defense_name": label(self.defense)}
+                "attack_name": self.attack_name, "defense_name": self.defense_name}
 
 
 @dataclass
@@ -268,12 +296,13 @@ def _label(params: dict, where: str) -> str | None:
     return tag
 
 
-def _labelled(obj, tag: str | None, params: dict, entry: dict):
-    """Attach the label; swept values are appended so the sweep's points stay apart."""
+def _entry_label(obj, tag: str | None, params: dict, entry: dict) -> str:
+    """The entry's label (swept values appended, so the sweep's points stay apart), else the
+    component's own."""
     if tag:
         swept = [f"{k}={params[k]}" for k in params if k not in entry]
-        obj.matrix_label = f"{tag}({', '.join(swept)})" if swept else tag
-    return obj
+        return f"{tag}({', '.join(swept)})" if swept else tag
+    return label(obj)
 
 
 def _recipe(base: Recipe, overrides, where: str) -> Recipe:
@@ -368,10 +397,8 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         cls = ATTACKS.get(key, where)
         tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            attack = _labelled(build(cls, p, where), tag, p, params)
-            attack.matrix_field = where  # names the entry in messages about data it does not fit
-            attack.matrix_entry = i
-            attacks.append((attack, where))
+            attack = build(cls, p, where)
+            attacks.append((attack, Entry(_entry_label(attack, tag, p, params), where, i)))
 
     defenses = []
     for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
@@ -380,7 +407,8 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
         cls = DEFENSES.get(key, where)
         tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            defenses.append(_labelled(build(cls, p, where), tag, p, params))
+            defense = build(cls, p, where)
+            defenses.append((defense, Entry(_entry_label(defense, tag, p, params), where, i)))
 
     evaluations, seen = [], set()
     for i, item in enumerate(_as_list(raw.get("evaluate", []), "evaluate")):
@@ -395,11 +423,11 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     # class fields and pixel sizes must fit every dataset they meet (Attack.check)
     for spec, _ in datasets:
         info = DATASETS.get(spec.name)
-        for attack, where in attacks:
+        for attack, entry in attacks:
             try:
                 attack.check(info.size, info.num_classes)
             except ValueError as e:
-                raise ConfigError(f"{where}.{e} [dataset '{spec.display}': {info.num_classes} classes, "
+                raise ConfigError(f"{entry.field}.{e} [dataset '{spec.display}': {info.num_classes} classes, "
                                   f"{info.size}x{info.size} px]") from None
 
     for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),
@@ -409,8 +437,8 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                               f"models, attacks, defenses and seeds")
     externals = _externals(raw.get("backdoored_models", []), datasets, models, attacks, seeds)
     cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations),
-                  externals.get((spec.name, model, attack.matrix_entry, seed)))
-             for (spec, recipe), model, (attack, _), defense, seed
+                  externals.get((spec.name, model, a_entry.index, seed)), attack_entry=a_entry, defense_entry=d_entry)
+             for (spec, recipe), model, (attack, a_entry), (defense, d_entry), seed
              in itertools.product(datasets, models, attacks, defenses, seeds)]
     # resolved for the default device (CUDA where there is one); a run on another re-resolves
     return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
@@ -455,7 +483,7 @@ def _externals(items, datasets, models, attacks, seeds) -> dict:
             if k not in item:
                 raise ConfigError(f"{where}.{k}: missing")
         entry = item["attack"]
-        expanded = [a for a, _ in attacks if a.matrix_entry == entry]
+        expanded = [a for a, e in attacks if e.index == entry]
         if not isinstance(entry, int) or not expanded:
             raise ConfigError(f"{where}.attack: expected the index of an entry in attacks (0..{len(attacks) - 1}), "
                               f"got {entry!r}")

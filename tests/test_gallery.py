@@ -23,8 +23,9 @@ def test_report_gallery_uses_the_matrixs_attack_parameters(tmp_path):
                                  attacks=[{"name": "tact", "target": 3, "source": 2, "cover_classes": [4]},
                                           {"name": "badnet", "patch_size": 5}]))
     attacks = gallery_attacks(m, "digits")
-    assert [(a.key, a.target) for a in attacks] == [("tact", 3), ("badnet", 1)]  # once each, not per cell
-    assert attacks[0].source == 2 and attacks[1].patch_size == 5
+    assert [(a.key, a.target) for a, _ in attacks] == [("tact", 3), ("badnet", 1)]  # once each, not per cell
+    assert attacks[0][0].source == 2 and attacks[1][0].patch_size == 5
+    assert attacks[1][1] == "BadNet(patch_size=5)"
     from bench.report import galleries
 
     [(caption, path)] = galleries(["digits"], None, tmp_path, m)

@@ -29,7 +29,7 @@ def test_only_filters_cells():
 def test_only_matches_matrix_labels():
     m = parse_matrix(matrix_dict(defenses=["undefended", {"name": "finetuning", "label": "FT-short", "epochs": 1},
                                            {"name": "finetuning", "label": "FT-long", "epochs": 3}]))
-    assert [c.defense.matrix_label for c in select(m.cells, ["defense=FT-long"])] == ["FT-long"]
+    assert [c.defense_name for c in select(m.cells, ["defense=FT-long"])] == ["FT-long"]
     assert len(select(m.cells, ["defense=finetuning"])) == 2  # the key still matches every entry
 
 

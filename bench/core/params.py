@@ -229,11 +229,8 @@ def params_of(obj) -> dict:
 
 
 def label(obj) -> str:
-    """Display name plus the parameters that differ from the class defaults: ``BadNet(poison_ratio=0.1)``.
-
-    A matrix entry's ``label`` field replaces it (it is not a parameter and does not affect caching)."""
-    if getattr(obj, "matrix_label", None):
-        return obj.matrix_label
+    """Display name plus the parameters that differ from the class defaults: ``BadNet(poison_ratio=0.1)``
+    (a matrix entry's own ``label`` replaces it there: see ``bench.matrix.Entry``)."""
     name = getattr(obj, "display_name", "") or obj.key
     default = {}
     for f in dataclasses.fields(obj):

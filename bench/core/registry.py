@@ -26,7 +26,7 @@ class Registered:
     """Base of the dataclass components (attacks, defenses, evaluations).
 
     The registry sets ``cls.key``.  A component pickles as data: its registry kind, key and
-    parameters (plus what the matrix attached, such as its label).  Unpickling, in a worker
+    parameters (plus any attribute it set on itself).  Unpickling, in a worker
     started with ``spawn`` (CUDA workers, Ray, SLURM), resolves the key through the registry and
     rebuilds the instance, so a class registered outside its own module or given as
     ``module:Class`` arrives with the same key, and so the same cache key, as in the parent.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.params import ConfigError, label
+from ..core.params import ConfigError
 from ..matrix import Cell
 from ..runner import numerics
 from ..store import digest
@@ -93,8 +93,8 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
             raise ConfigError(f"--only: '{f}' is not KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
         allowed = set(values.split(","))
         get = {"dataset": lambda c: {c.dataset.name}, "model": lambda c: {c.model},
-               "attack": lambda c: {c.attack.key, label(c.attack)},
-               "defense": lambda c: {c.defense.key, label(c.defense)}, "seed": lambda c: {str(c.seed)}}[key]
+               "attack": lambda c: {c.attack.key, c.attack_name},
+               "defense": lambda c: {c.defense.key, c.defense_name}, "seed": lambda c: {str(c.seed)}}[key]
         cells = [c for c in cells if get(c) & allowed]
     return cells
 
@@ -275,13 +275,13 @@ def remove_if_empty(folders) -> None:
             pass
 
 
-def poison_fit(attack, y: torch.Tensor) -> str | None:
+def poison_fit(attack, y: torch.Tensor, where: str = "") -> str | None:
     """Why ``attack``'s poison and cover counts do not fit the training labels ``y``, else None.
 
     Only attacks that draw from part of the set (TaCT's source class, a clean-label attack's target
     class) can ask for more images than exist; at least one image of that part must stay clean, or
     the clean reserve and the class's clean accuracy have nothing left."""
-    where = getattr(attack, "matrix_field", "") or attack.key
+    where = where or attack.key
     n = len(y)
     n_poison = int(n * attack.poison_ratio)
     pool = int(attack.eligible_poison(y).sum())
@@ -319,13 +319,13 @@ def preflight(cells: list[Cell], runner) -> None:
             if key in checked:
                 continue
             checked.add(key)
-            where = getattr(c.attack, "matrix_field", "") or c.attack.key
+            where = c.attack_field
             try:
                 c.attack.check(ds.size, ds.num_classes)
             except ValueError as e:
                 raise ConfigError(f"{where}.{e} [dataset '{c.dataset.name}' as loaded: {ds.num_classes} classes, "
                                   f"{ds.size}x{ds.size} px]") from None
-            problem = poison_fit(c.attack, ds.train.y)
+            problem = poison_fit(c.attack, ds.train.y, where)
             if problem:
                 raise ConfigError(f"{problem} [dataset '{c.dataset.label}']")
     finally:

@@ -37,14 +37,15 @@ def write_results(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def gallery_attacks(matrix: Matrix, dataset: str) -> list:
-    """The matrix's attacks on ``dataset``, each parameter setting once, in matrix order."""
+def gallery_attacks(matrix: Matrix, dataset: str) -> list[tuple]:
+    """The matrix's attacks on ``dataset`` with their labels there, each parameter setting once, in
+    matrix order."""
     seen, out = set(), []
     for c in matrix.cells:
         ident = (c.attack.key, repr(params_of(c.attack)))
         if c.dataset.display == dataset and ident not in seen:
             seen.add(ident)
-            out.append(c.attack)
+            out.append((c.attack, c.attack_name))
     return out
 
 
@@ -54,12 +55,13 @@ def galleries(datasets: list[str], data_root: str | None, out: Path,
     matrix's attacks with its parameters when ``matrix`` is given, else defaults."""
     figs = []
     for name in datasets:
-        attacks = gallery_attacks(matrix, name) if matrix is not None else None
-        what = "the matrix's attack parameters" if attacks else "default parameters"
+        entries = gallery_attacks(matrix, name) if matrix is not None else []
+        what = "the matrix's attack parameters" if entries else "default parameters"
         try:
             figs.append((f"Trigger gallery, {name} ({what})",
                          render_gallery(name, data_root, out / f"gallery_{name}.png",
-                                        attacks=attacks or None)))
+                                        attacks=[a for a, _ in entries] or None,
+                                        names=[n for _, n in entries] or None)))
         except (FileNotFoundError, ValueError) as e:  # data not here: the tables still render
             log.warning("no trigger gallery for %s: %s", name, e)
     return figs
