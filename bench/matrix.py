@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,6 @@ class Matrix:
     output: str = "runs"
     data_root: str | None = None
     description: str = ""
-    raw: dict = field(default_factory=dict)
 
     def for_device(self, device, precision: str | None = None) -> "Matrix":
         """The matrix with every cell's ``recipe.precision`` resolved to the dtype it computes in on
@@ -353,8 +352,37 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
     for k in ("attacks", "defenses"):
         if k not in raw:
             raise ConfigError(f"{k}: missing; give a list of {k}")
+    seeds = _seeds(raw.get("seeds", [0]))
+    reserve = _check_ratio(raw.get("reserve_ratio", 0.05), "reserve_ratio")
+    base_recipe = _recipe(Recipe(), raw.get("recipe"), "recipe")
+    for k in ("data_root", "output", "name", "description"):
+        if raw.get(k) is not None and not isinstance(raw[k], str):
+            raise ConfigError(f"{k}: expected a string, got {raw[k]!r}")
+    datasets = _datasets(raw.get("datasets", ["digits"]), base_recipe)
+    models = _as_list(raw.get("models", ["small_cnn"]), "models")
+    for i, m in enumerate(models):
+        MODELS.get(m, f"models[{i}]")
+    attacks = _components(raw["attacks"], "attacks", ATTACKS)
+    defenses = _components(raw["defenses"], "defenses", DEFENSES)
+    evaluations = _evaluations(raw.get("evaluate", []))
+    _check_attacks_fit(datasets, attacks)
+    for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),
+                       ("seeds", seeds)):
+        if not items:
+            raise ConfigError(f"{key}: empty list; a matrix needs at least one entry in each of datasets, "
+                              f"models, attacks, defenses and seeds")
+    externals = _externals(raw.get("backdoored_models", []), datasets, models, attacks, seeds)
+    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations),
+                  externals.get((spec.name, model, a_entry.index, seed)), attack_entry=a_entry, defense_entry=d_entry)
+             for (spec, recipe), model, (attack, a_entry), (defense, d_entry), seed
+             in itertools.product(datasets, models, attacks, defenses, seeds)]
+    # resolved for the default device (CUDA where there is one); a run on another re-resolves
+    return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
+                  raw.get("description", "")).for_device("cuda" if torch.cuda.is_available() else "cpu")
 
-    seeds = _as_list(raw.get("seeds", [0]), "seeds")
+
+def _seeds(value) -> list[int]:
+    seeds = _as_list(value, "seeds")
     for i, s in enumerate(seeds):
         if not isinstance(s, int) or isinstance(s, bool):
             raise ConfigError(f"seeds[{i}]: expected an integer, got {s!r}")
@@ -362,14 +390,14 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
             raise ConfigError(f"seeds[{i}]: {s} is out of range; allowed: 0..{MAX_SEED}")
         if s in seeds[:i]:
             raise ConfigError(f"seeds[{i}]: seed {s} is listed twice")
-    reserve = _check_ratio(raw.get("reserve_ratio", 0.05), "reserve_ratio")
-    base_recipe = _recipe(Recipe(), raw.get("recipe"), "recipe")
-    for k in ("data_root", "output", "name", "description"):
-        if raw.get(k) is not None and not isinstance(raw[k], str):
-            raise ConfigError(f"{k}: expected a string, got {raw[k]!r}")
+    return seeds
 
+
+def _datasets(value, base_recipe: Recipe) -> list[tuple[DatasetSpec, Recipe]]:
+    """Each dataset entry with its recipe (the matrix's, the entry's overrides, and the augmentation
+    the dataset fills in where both leave it unset: no flips for digits or signs)."""
     datasets = []
-    for i, item in enumerate(_as_list(raw.get("datasets", ["digits"]), "datasets")):
+    for i, item in enumerate(_as_list(value, "datasets")):
         where = f"datasets[{i}]"
         dname, rest = _entry(item, where)
         source = DATASETS.get(dname, where)
@@ -383,35 +411,28 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
                 raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
         spec = DatasetSpec(dname, rest.get("train_limit"), rest.get("test_limit"), source.sha256)
         recipe = _recipe(base_recipe, rest.get("recipe"), f"{where}.recipe")
-        # augmentation the matrix leaves unset comes from the dataset (no flips for digits or signs)
         datasets.append((spec, recipe.filled(**source.augmentation())))
+    return datasets
 
-    models = _as_list(raw.get("models", ["small_cnn"]), "models")
-    for i, m in enumerate(models):
-        MODELS.get(m, f"models[{i}]")
 
-    attacks = []
-    for i, item in enumerate(_as_list(raw["attacks"], "attacks")):
-        where = f"attacks[{i}]"
+def _components(value, field: str, registry) -> list[tuple[Any, Entry]]:
+    """The entries of ``attacks`` or ``defenses``: each component (one per point of a sweep) with
+    its :class:`Entry`."""
+    out = []
+    for i, item in enumerate(_as_list(value, field)):
+        where = f"{field}[{i}]"
         key, params = _entry(item, where)
-        cls = ATTACKS.get(key, where)
+        cls = registry.get(key, where)
         tag = _label(params, where)
         for p in _expand_sweep(params, where):
-            attack = build(cls, p, where)
-            attacks.append((attack, Entry(_entry_label(attack, tag, p, params), where, i)))
+            component = build(cls, p, where)
+            out.append((component, Entry(_entry_label(component, tag, p, params), where, i)))
+    return out
 
-    defenses = []
-    for i, item in enumerate(_as_list(raw["defenses"], "defenses")):
-        where = f"defenses[{i}]"
-        key, params = _entry(item, where)
-        cls = DEFENSES.get(key, where)
-        tag = _label(params, where)
-        for p in _expand_sweep(params, where):
-            defense = build(cls, p, where)
-            defenses.append((defense, Entry(_entry_label(defense, tag, p, params), where, i)))
 
+def _evaluations(value) -> list:
     evaluations, seen = [], set()
-    for i, item in enumerate(_as_list(raw.get("evaluate", []), "evaluate")):
+    for i, item in enumerate(_as_list(value, "evaluate")):
         where = f"evaluate[{i}]"
         key, params = _entry(item, where)
         cls = EVALUATIONS.get(key, where)
@@ -419,8 +440,11 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
             raise ConfigError(f"{where}: evaluation '{key}' is listed twice")
         seen.add(key)
         evaluations.append(build(cls, params, where))
+    return evaluations
 
-    # class fields and pixel sizes must fit every dataset they meet (Attack.check)
+
+def _check_attacks_fit(datasets, attacks) -> None:
+    """Class fields and pixel sizes must fit every dataset they meet (``Attack.check``)."""
     for spec, _ in datasets:
         info = DATASETS.get(spec.name)
         for attack, entry in attacks:
@@ -429,20 +453,6 @@ def parse_matrix(raw: dict, name: str = "matrix") -> Matrix:
             except ValueError as e:
                 raise ConfigError(f"{entry.field}.{e} [dataset '{spec.display}': {info.num_classes} classes, "
                                   f"{info.size}x{info.size} px]") from None
-
-    for key, items in (("datasets", datasets), ("models", models), ("attacks", attacks), ("defenses", defenses),
-                       ("seeds", seeds)):
-        if not items:
-            raise ConfigError(f"{key}: empty list; a matrix needs at least one entry in each of datasets, "
-                              f"models, attacks, defenses and seeds")
-    externals = _externals(raw.get("backdoored_models", []), datasets, models, attacks, seeds)
-    cells = [Cell(spec, model, attack, defense, recipe, seed, reserve, raw.get("data_root"), tuple(evaluations),
-                  externals.get((spec.name, model, a_entry.index, seed)), attack_entry=a_entry, defense_entry=d_entry)
-             for (spec, recipe), model, (attack, a_entry), (defense, d_entry), seed
-             in itertools.product(datasets, models, attacks, defenses, seeds)]
-    # resolved for the default device (CUDA where there is one); a run on another re-resolves
-    return Matrix(raw.get("name") or name, cells, raw.get("output") or "runs", raw.get("data_root"),
-                  raw.get("description", ""), raw).for_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _read_indices(path: Path, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
