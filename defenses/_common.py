@@ -26,23 +26,21 @@ def unlearn_relearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, unlea
     gen = torch.Generator().manual_seed(seed)
     recipe = recipe or trainer.recipe.for_tuning()
     opt = trainer.optimizer(model, recipe, lr=lr)
-    bs = recipe.batch_size
     unlearn_idx = torch.as_tensor(unlearn_idx, dtype=torch.long)
     learn_idx = torch.as_tensor(learn_idx, dtype=torch.long)
     for epoch in range(epochs):
         model.train()
         for pool, sign in ((unlearn_idx, -1.0), (learn_idx, 1.0)):
-            order = pool[torch.randperm(len(pool), generator=gen)]
-            for b in range(0, len(order), bs):
-                idx = order[b:b + bs]
-                x, y = trainer.load_batch(data, idx, gen, augment, recipe=recipe)
-                with trainer.autocast():
-                    loss = F.cross_entropy(model(x).float(), y)
-                trainer.step(model, opt, sign * loss, len(idx))
+            trainer.train_pass(model, data, pool, opt, gen, recipe, augment=augment, loss_fn=_mean_ce, sign=sign)
         if tag is not None:
             ctx.observe(f"{tag}{epoch + 1}", model)
     model.eval()
     return model
+
+
+def _mean_ce(model, x, y, idx) -> torch.Tensor:
+    """The batch's mean cross-entropy (one scalar, as the reference repairs compute it)."""
+    return F.cross_entropy(model(x).float(), y)
 
 
 def jenks_two_class(values: torch.Tensor) -> float:

@@ -319,6 +319,87 @@ def random_flip(x: torch.Tensor, gen: torch.Generator, flip: torch.Tensor | None
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
+@dataclass
+class PassStats:
+    """What one pass over the data measured: the loss summed over samples (a device tensor), the
+    samples seen, the correct predictions per batch (plain CE only) and the pass's first lr."""
+
+    loss_sum: torch.Tensor
+    seen: int = 0
+    hits: list = field(default_factory=list)
+    lr: float = 0.0
+
+
+@dataclass
+class _Run:
+    """The state of one :meth:`Trainer.fit` that a checkpoint saves and restores."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    loss_fn: Callable | None = None
+    sched: object = None
+    lookahead: "Lookahead | None" = None
+
+    def after_step(self, offset: int) -> Callable[[int], None]:
+        """After step ``b`` of an epoch that starts at global step ``offset``: lookahead, then the
+        lr schedule."""
+        def hook(b: int) -> None:
+            if self.lookahead is not None:
+                self.lookahead.update(self.model, offset + b + 1)
+            if self.sched is not None:
+                self.sched.step()
+        return hook
+
+    def finish(self, total_steps: int, stem_bias: list, checkpoint: "Checkpoint | None") -> None:
+        """The last lookahead average, the stem's bias trainable again, the checkpoint removed, eval mode."""
+        if self.lookahead is not None:
+            self.lookahead.update(self.model, total_steps, final=True)
+        for p in stem_bias:  # frozen only within this training
+            p.requires_grad_(True)
+        if checkpoint is not None:
+            checkpoint.clear()
+        self.model.eval()
+
+    def state(self, epoch: int, train_samples: int, records: list) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "generator": self.gen.get_state(), "epoch": epoch,
+                "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+                "loss_fn": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else None,
+                "train_samples": train_samples, "history": records}
+
+    def load(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(saved["scheduler"])
+        self.gen.set_state(saved["generator"])
+        if self.lookahead is not None and saved.get("lookahead") is not None:
+            self.lookahead.load_state_dict(saved["lookahead"])
+        if hasattr(self.loss_fn, "load_state_dict") and saved.get("loss_fn") is not None:
+            self.loss_fn.load_state_dict(saved["loss_fn"])
+
+
+def _epoch_start(opt, epoch: int, lr_at_epoch: Callable | None, stem_bias: list, whiten_bias_epochs: int | None):
+    """An epoch's settings: its lr where a per-epoch lr is given, and whether the whitening stem's
+    bias trains."""
+    if lr_at_epoch is not None:
+        for g in opt.param_groups:
+            g["lr"] = float(lr_at_epoch(epoch)) * g.get("lr_scale", 1.0)
+    for p in stem_bias:
+        p.requires_grad_(whiten_bias_epochs is None or epoch < whiten_bias_epochs)
+
+
+def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` the BatchNorm layers stay in eval mode (running statistics frozen)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 class Lookahead:
     """airbench's lookahead: every ``every`` steps the weights become an exponential moving average
     of themselves with decay ``0.95**every * (step / total)**3`` (close to 0 early, so the average
@@ -498,22 +579,15 @@ class Trainer:
             lr_at_epoch: Callable[[int], float] | None = None, checkpoint: Checkpoint | None = None,
             name: str | None = None, history: list | None = None,
             on_record: Callable[[dict], None] | None = None) -> nn.Module:
-        """Train ``model`` in place on ``data[indices]`` (default: all) and return it.
-
-        ``optimizer``: continue with this optimizer (its momentum buffers are kept) instead of a
-        new one; build it on the prepared model, e.g. ``trainer.optimizer(trainer.prepare(m))``.
-        ``lr_at_epoch``: the lr of each epoch (0-based) as an absolute value, set at the start of
-        the epoch and held for all its steps (a per-epoch schedule); it replaces ``schedule``.
-        ``checkpoint``: resume from and save to a :class:`Checkpoint` (a training of the harness's
-        own, not a defense's inner loop); a ``loss_fn`` with state of its own (a generator, counters)
-        exposes ``state_dict()``/``load_state_dict()`` and is saved and restored with it.  ``name``: log one line per epoch (mean training loss, accuracy
-        on the training batches, the epoch's first lr, seconds) under this name at INFO; the console
-        shows it when epochs take :data:`PROGRESS_EPOCH_S` or more.  ``history``: a list
-        that receives those per-epoch records; ``on_record``: called with each as it is made.
-
-        A model with ``init_from_data`` that is not yet ``data_initialized`` (the fast network's
-        whitening stem) is first initialised from up to ``model.init_samples`` of the images it is
-        about to train on (a seeded draw, un-augmented).
+        """Train ``model`` in place on ``data[indices]`` (default: all) and return it: per epoch one
+        :meth:`train_pass`.  ``optimizer``: continue with this one (momentum kept), built on the
+        prepared model; ``lr_at_epoch``: each epoch's lr, replacing ``schedule``; ``checkpoint``: resume
+        from and save to a :class:`Checkpoint` (a stateful ``loss_fn`` with ``state_dict()`` and
+        ``load_state_dict()`` travels with it); ``name``: log each epoch's record (mean loss, training
+        accuracy, first lr, seconds) at INFO, on the console when epochs take
+        :data:`PROGRESS_EPOCH_S` or more; ``history`` receives the records, ``on_record`` is called
+        with each.  A model with ``init_from_data`` (the fast network's whitening stem) is first
+        initialised from up to ``model.init_samples`` of the images it is about to train on.
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
@@ -524,97 +598,97 @@ class Trainer:
             return model
         self.init_from_data(model, data, pool, seed)
         steps = math.ceil(len(pool) / r.batch_size)
-        opt = optimizer if optimizer is not None else self.optimizer(model, r)
-        sched = None
+        run = _Run(model, optimizer if optimizer is not None else self.optimizer(model, r), gen, loss_fn)
         if lr_at_epoch is None:
-            if optimizer is not None:  # the schedule scales from this call's lr, not a stale one
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] = r.lr * g.get("lr_scale", 1.0)
-            sched = self.scheduler(opt, r, steps)
+            run.sched = self._schedule(run.opt, r, steps, carried=optimizer is not None)
         # alternate flipping: each sample's first side, drawn before any checkpoint is read (a
         # resumed training draws the same sides)
         first_side = torch.rand(len(data), generator=gen) < 0.5 if r.flip_mode == "alternate" else None
         stem_bias = model.stem_bias() if hasattr(model, "stem_bias") else []
-        lookahead = Lookahead(model, r.lookahead_every, r.epochs * steps) if r.lookahead else None
-        start = 0
-        saved = checkpoint.load() if checkpoint is not None else None
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(saved["scheduler"])
-            gen.set_state(saved["generator"])
-            if lookahead is not None and saved.get("lookahead") is not None:
-                lookahead.load_state_dict(saved["lookahead"])
-            if hasattr(loss_fn, "load_state_dict") and saved.get("loss_fn") is not None:
-                loss_fn.load_state_dict(saved["loss_fn"])
-            start, self.train_samples = saved["epoch"] + 1, self.train_samples + saved["train_samples"]
-            if history is not None:
-                history.extend(saved.get("history", []))
-            log.info("%s: resumed at epoch %d of %d from %s", name or "training", start + 1, r.epochs,
-                     checkpoint.path)
-        records = list(history) if history is not None else []
-        samples_before = self.train_samples - (saved["train_samples"] if saved else 0)
+        run.lookahead = Lookahead(model, r.lookahead_every, r.epochs * steps) if r.lookahead else None
+        start, records, samples_before = self._resume(run, checkpoint, history, name, r.epochs)
         for epoch in range(start, r.epochs):
-            t0, loss_sum, seen, hits = time.monotonic(), torch.zeros((), device=self.device), 0, []
-            lr_now = opt.param_groups[-1]["lr"]
-            if lr_at_epoch is not None:
-                for g in opt.param_groups:
-                    g["lr"] = float(lr_at_epoch(epoch)) * g.get("lr_scale", 1.0)
-            for p in stem_bias:
-                p.requires_grad_(r.whiten_bias_epochs is None or epoch < r.whiten_bias_epochs)
-            model.train()
-            if freeze_bn:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            order = pool[torch.randperm(len(pool), generator=gen)]
-            for b in range(steps):
-                idx = order[b * r.batch_size:(b + 1) * r.batch_size]
-                flip = {} if first_side is None else {"flip": first_side[idx] ^ bool(epoch % 2)}
-                x, y = self.load_batch(data, idx, gen, augment, extra_augment, r, **flip)
-                w = None if w_all is None else w_all[idx.to(self.device)]
-                if b == 0:
-                    lr_now = opt.param_groups[-1]["lr"]
-                loss = self.loss(model, x, y, idx, w, loss_fn, hits, r.label_smoothing)
-                self.step(model, opt, loss, len(idx))
-                if lookahead is not None:
-                    lookahead.update(model, epoch * steps + b + 1)
-                loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step
-                seen += len(idx)
-                if sched is not None:
-                    sched.step()
-            record = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, seen), "lr": lr_now,
-                      # accuracy on the (augmented) training batches as they were trained on; None with a custom loss
-                      "train_acc": float(sum(hits)) / max(1, seen) if hits else None,
-                      "seconds": time.monotonic() - t0}
+            t0 = time.monotonic()
+            _epoch_start(run.opt, epoch, lr_at_epoch, stem_bias, r.whiten_bias_epochs)
+            _train_mode(model, freeze_bn)
+            stats = self.train_pass(model, data, pool, run.opt, gen, r, augment=augment, extra_augment=extra_augment,
+                                    weights=w_all, loss_fn=loss_fn, first_side=first_side, odd=bool(epoch % 2),
+                                    after_step=run.after_step(epoch * steps))
+            record = self._record(epoch, stats, time.monotonic() - t0, r.epochs, name)
             records.append(record)
             if history is not None:
                 history.append(record)
-            acc = f" train acc {100 * record['train_acc']:.1f}%" if record["train_acc"] is not None else ""
-            # every named epoch reaches the cell's log file; the console shows it only for long epochs
-            log.log(logging.INFO if name else logging.DEBUG, "%s: epoch %d/%d loss %.4f%s lr %.4g (%.1fs)",
-                    name or "fit", epoch + 1, r.epochs, record["loss"], acc, lr_now, record["seconds"],
-                    extra={"console": record["seconds"] >= PROGRESS_EPOCH_S})
             if on_epoch is not None:
                 on_epoch(epoch, model)
             if on_record is not None:
                 on_record(record)
             if checkpoint is not None and epoch + 1 < r.epochs and checkpoint.due(epoch):
-                checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict() if sched is not None else None,
-                                 "generator": gen.get_state(), "epoch": epoch,
-                                 "lookahead": lookahead.state_dict() if lookahead is not None else None,
-                                 "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
-                                 "train_samples": self.train_samples - samples_before, "history": records})
-        if lookahead is not None:
-            lookahead.update(model, r.epochs * steps, final=True)
-        for p in stem_bias:  # frozen only within this training
-            p.requires_grad_(True)
-        if checkpoint is not None:
-            checkpoint.clear()
-        model.eval()
+                checkpoint.save(run.state(epoch, self.train_samples - samples_before, records))
+        run.finish(r.epochs * steps, stem_bias, checkpoint)
         return model
+
+    def _schedule(self, opt, r: Recipe, steps: int, carried: bool):
+        if carried:  # a carried optimizer: the schedule scales from this call's lr, not a stale one
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] = r.lr * g.get("lr_scale", 1.0)
+        return self.scheduler(opt, r, steps)
+
+    def _resume(self, run: "_Run", checkpoint: Checkpoint | None, history: list | None, name: str | None,
+                epochs: int) -> tuple[int, list, int]:
+        """Restore a saved state when ``checkpoint`` has one: ``(first epoch to run, the records so
+        far, train_samples before this training)``."""
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is None:
+            return 0, list(history) if history is not None else [], self.train_samples
+        run.load(saved)
+        self.train_samples += saved["train_samples"]
+        if history is not None:
+            history.extend(saved.get("history", []))
+        log.info("%s: resumed at epoch %d of %d from %s", name or "training", saved["epoch"] + 2, epochs,
+                 checkpoint.path)
+        records = list(history) if history is not None else []
+        return saved["epoch"] + 1, records, self.train_samples - saved["train_samples"]
+
+    def train_pass(self, model: nn.Module, data: ImageSet, pool: torch.Tensor, opt, gen: torch.Generator,
+                   recipe: Recipe, *, augment: bool = True, extra_augment: Callable | None = None, weights=None,
+                   loss_fn=None, sign: float = 1.0, first_side: torch.Tensor | None = None, odd: bool = False,
+                   after_step: Callable[[int], None] | None = None) -> "PassStats":
+        """One pass over ``pool`` in a random order drawn from ``gen``, a step per batch of
+        ``recipe.batch_size``: the loop every training shares.  ``sign`` -1 ascends the loss
+        (unlearning); ``first_side``/``odd``: alternate flipping (each sample's side this pass);
+        ``after_step(b)``: called after step ``b`` of the pass (lookahead, lr schedule).  The model's
+        train/eval mode is the caller's."""
+        stats = PassStats(torch.zeros((), device=self.device))
+        order = pool[torch.randperm(len(pool), generator=gen)]
+        for b in range(math.ceil(len(pool) / recipe.batch_size)):
+            idx = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            flip = {} if first_side is None else {"flip": first_side[idx] ^ odd}
+            x, y = self.load_batch(data, idx, gen, augment, extra_augment, recipe, **flip)
+            w = None if weights is None else weights[idx.to(self.device)]
+            if b == 0:
+                stats.lr = opt.param_groups[-1]["lr"]
+            loss = self.loss(model, x, y, idx, w, loss_fn, stats.hits, recipe.label_smoothing)
+            self.step(model, opt, sign * loss if sign != 1.0 else loss, len(idx))
+            if after_step is not None:
+                after_step(b)
+            stats.loss_sum += loss.detach().float() * len(idx)  # summed on the device: no sync per step
+            stats.seen += len(idx)
+        return stats
+
+    @staticmethod
+    def _record(epoch: int, stats: "PassStats", seconds: float, epochs: int, name: str | None) -> dict:
+        """The epoch's record (mean training loss, accuracy on the training batches, first lr,
+        seconds), logged under ``name``."""
+        record = {"epoch": epoch + 1, "loss": float(stats.loss_sum) / max(1, stats.seen), "lr": stats.lr,
+                  # accuracy on the (augmented) training batches as they were trained on; None with a custom loss
+                  "train_acc": float(sum(stats.hits)) / max(1, stats.seen) if stats.hits else None,
+                  "seconds": seconds}
+        acc = f" train acc {100 * record['train_acc']:.1f}%" if record["train_acc"] is not None else ""
+        # every named epoch reaches the cell's log file; the console shows it only for long epochs
+        log.log(logging.INFO if name else logging.DEBUG, "%s: epoch %d/%d loss %.4f%s lr %.4g (%.1fs)",
+                name or "fit", epoch + 1, epochs, record["loss"], acc, stats.lr, seconds,
+                extra={"console": seconds >= PROGRESS_EPOCH_S})
+        return record
 
     @torch.no_grad()
     def init_from_data(self, model: nn.Module, data: ImageSet, pool: torch.Tensor, seed: int) -> None:
