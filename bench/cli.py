@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
+from . import methods_docs, versions
 from .core.data import DataError
-from .core.params import ConfigError, describe
+from .core.params import ConfigError, closest, describe, field_docs, range_of
+from .core.registry import ATTACKS, DEFENSES, EVALUATIONS, REGISTRIES
+from .core.trainer import resolve_precision
 from .execution.failures import Interrupted, earlier_failure
 from .execution.loop import execute
 from .execution.plan import (
@@ -31,6 +37,9 @@ from .execution.plan import (
 from .execution.ray_executor import ray_slots
 from .execution.signals import on_signals, raise_interrupted
 from .execution.slurm_executor import SlurmOptions
+from .matrix import load_matrix
+from .runner import Runner
+from .store import Store, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MATRIX = "matrices/quick.yaml"
@@ -52,10 +61,6 @@ def _device(arg: str) -> str:
 
 
 def _setup(args):
-    from .matrix import load_matrix
-    from .runner import Runner
-    from .store import Store
-
     matrix = load_matrix(_matrix_path(args.matrix), getattr(args, "set", None))
     out = Path(args.output or matrix.output)
     device = _device(args.device)
@@ -72,8 +77,6 @@ def _setup(args):
 
 def _precision_note(matrix, device) -> str:
     """One line for the run's header: the dtype(s) the cells compute in, and why."""
-    from .core.trainer import resolve_precision
-
     asked = {c.recipe.precision for c in matrix.cells}
     auto_why = resolve_precision("auto", device)[1]
     return f"precision: {', '.join(sorted(asked))} on {device} (here {auto_why})"
@@ -244,8 +247,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .core.registry import REGISTRIES
-
     for kind, registry in REGISTRIES.items():
         print(f"{kind}s:")
         for key in registry.names():
@@ -255,12 +256,6 @@ def cmd_list(args) -> int:
 
 def show_text(name: str) -> str:
     """Every field of an attack or defense: type, default, range and its ``#:`` doc line."""
-    import dataclasses
-    import typing
-
-    from .core.params import closest, field_docs, range_of
-    from .core.registry import ATTACKS, DEFENSES, EVALUATIONS
-
     registries = {"attack": ATTACKS, "defense": DEFENSES, "evaluation": EVALUATIONS}
     found = [(kind, reg.get(name, kind)) for kind, reg in registries.items() if name in reg.names()]
     if not found:
@@ -306,10 +301,6 @@ def cmd_models(args) -> int:
 
 def cmd_export(args) -> int:
     """Write one cell's model (verified against its checksum) as a state dict."""
-    import shutil
-
-    from .store import Store, sha256_file
-
     matrix, runner = _setup(args)
     rows = _checkpoints(matrix, runner)
     hits = [r for r in rows if r[0].label == args.cell] or [r for r in rows if args.cell in r[0].label]
@@ -372,8 +363,6 @@ def cmd_gallery(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    from . import versions
-
     if args.update:
         refused = versions.update(same_results=args.same_results)
         for line in refused:
@@ -390,8 +379,6 @@ def cmd_versions(args) -> int:
 
 
 def cmd_docs(args) -> int:
-    from . import methods_docs
-
     if args.check:
         stale = methods_docs.stale()
         for name in stale:

@@ -25,9 +25,12 @@ Any bad value raises :class:`~bench.core.params.ConfigError` whose message names
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,8 @@ from .core.defense import Defense
 from .core.params import as_number, build, closest, ConfigError, label, params_of
 from .core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS
 from .core.trainer import RECIPE_PRESETS, Recipe, resolve_precision
-from .store import digest
+from .store import digest, sha256_file
+from .versions import code_hash, source_files
 
 #: bump when the harness changes how any artifact is computed
 HARNESS_VERSION = 1
@@ -68,8 +72,6 @@ class ExternalBackdoor:
     cover_idx: tuple[int, ...] = ()
 
     def ident(self) -> dict:
-        import hashlib
-
         idx = hashlib.sha256(repr((self.poison_idx, self.cover_idx)).encode()).hexdigest()[:24]
         return {"poison_indices": idx, "weights_sha256": self.weights_sha256}
 DATASET_FIELDS = {"name", "train_limit", "test_limit", "recipe"}
@@ -111,8 +113,6 @@ def user_code(obj) -> str | None:
     builder of your own): a hash of its code, the syntax tree of its module and of the modules of
     its own package it imports, without docstrings.  It enters the cache keys, so editing your
     component recomputes its results without a ``version`` bump.  None for our own components."""
-    from .versions import code_hash, source_files
-
     module = getattr(obj, "__module__", None) or ""
     if module.split(".")[0] in OWN_PACKAGES or module in ("", "__main__"):
         return None
@@ -458,8 +458,6 @@ def _check_attacks_fit(datasets, attacks) -> None:
 def _read_indices(path: Path, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``poison_indices``: JSON, a list of indices or ``{"poison_idx": [...], "cover_idx": [...]}``
     (the harness's own ``poison/<key>/indices.json`` has this form)."""
-    import json
-
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -478,8 +476,6 @@ def _read_indices(path: Path, where: str) -> tuple[tuple[int, ...], tuple[int, .
 
 def _externals(items, datasets, models, attacks, seeds) -> dict:
     """``backdoored_models`` entries -> {(dataset, model, attack entry, seed): ExternalBackdoor}."""
-    from .store import sha256_file
-
     out = {}
     for i, item in enumerate(_as_list(items, "backdoored_models")):
         where = f"backdoored_models[{i}]"
@@ -588,8 +584,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     (``defenses: [abl]``) becomes ``{name: abl, ...}`` when one of its parameters is set.  The
     result goes through the same validation as the file, so a bad field or value gets the same
     message."""
-    import copy
-
     raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
     for item in overrides:
         path, sep, text = item.partition("=")

@@ -26,6 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .stats import mean_ci  # noqa: E402
+
 #: figure size in inches and resolution of the PNGs
 FIGSIZE = (5.0, 3.6)
 #: panels per row of the score-distribution figure (more attacks wrap onto further rows)
@@ -107,8 +109,6 @@ def sweep(rows, out: Path, param: str, where: str, xlabel: str) -> list[tuple[st
     for (dataset, model), lines in series.items():
         if all(len({v for v, _ in pts}) < 2 for pts in lines.values()):
             continue
-        from .stats import mean_ci
-
         fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.8, FIGSIZE[1]))
         drawn = [(k, pts) for k, pts in lines.items() if len({v for v, _ in pts}) >= 2]
         for i, ((attack, defense), pts) in enumerate(drawn):

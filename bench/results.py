@@ -32,8 +32,10 @@ from pathlib import Path
 import pandas as pd
 
 from .core.evaluation import INVERTED_TRIGGERS
+from .core.metrics import der, rir
 from .core.params import ConfigError
 from .core.registry import DEFENSES, EVALUATIONS
+from .matrix import Matrix, load_matrix
 from .store import Store
 
 METRICS = ("acc", "acc_nontarget", "target_recall", "asr", "ra")
@@ -151,8 +153,6 @@ def _fill_undefended(df: pd.DataFrame, base: pd.DataFrame, match: list[str], onl
 
 
 def _ratings(df: pd.DataFrame) -> None:
-    from .core.metrics import der, rir
-
     def rate(fn, a, b, c, d):
         return [fn(*v) if not any(pd.isna(x) for x in v) else float("nan")
                 for v in zip(df[a], df[b], df[c], df[d])]
@@ -183,8 +183,6 @@ def load(source, output: str | Path | None = None) -> pd.DataFrame:
     """Results as a DataFrame.  ``source``: a matrix (a YAML path or a :class:`~bench.matrix.Matrix`),
     whose cells are read from ``output`` (default: the matrix's own), or a store folder, every
     verified result of which is read (corrupt or edited files are named in the log and skipped)."""
-    from .matrix import Matrix, load_matrix
-
     if isinstance(source, Matrix) or (isinstance(source, (str, Path)) and Path(source).suffix in (".yaml", ".yml")):
         matrix = source if isinstance(source, Matrix) else load_matrix(source)
         rows, _ = collect(matrix, Store(Path(output or matrix.output)))

@@ -34,7 +34,7 @@ from .core.models import ModelFactory
 from .core.tensors import round_robin, stream
 from .core.trainer import Checkpoint, Trainer
 from .matrix import Cell
-from .store import Store, atomic_write_bytes, digest
+from .store import Store, atomic_write_bytes, digest, sha256_file
 
 log = logging.getLogger("bench")
 
@@ -243,8 +243,6 @@ class Runner:
     def _import_backdoored(self, cell: Cell, key: str, model, trainer: Trainer, ds: Dataset, trig) -> None:
         """Store a backdoored model trained elsewhere (``backdoored_models`` in the matrix) as this
         cell's, after checking its file against the checksum the matrix recorded."""
-        from .store import sha256_file
-
         ext = cell.external
         path = ext.weights
         if sha256_file(path) != ext.weights_sha256:
