@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
     try:
         return _run_planned(args, matrix, runner, cells, p, slots)
     except Interrupted as e:
-        finished = sum(runner.cached_result(c) is not None for c in p.todo)
+        finished = sum(runner.store.read_result(c.key) is not None for c in p.todo)
         print(f"interrupted by {e}: {finished} of {len(p.todo)} cells to run finished ({len(p.cached)} cached "
               f"before), {len(p.todo) - finished} not started or stopped; nothing half-written was kept; resume "
               f"with: python -m bench {shlex.join(args.argv)}", file=sys.stderr, flush=True)

@@ -109,7 +109,7 @@ def flatten(row: dict) -> dict:
         out[k] = row.get(k)
     for k, v in (row.get("numerics") or {}).items():
         out[f"numerics.{k}"] = v
-    out["warnings"] = "; ".join(str(w) for w in row.get("warnings") or (row.get("info") or {}).get("warnings", []))
+    out["warnings"] = "; ".join(str(w) for w in row.get("warnings") or [])
     return out
 
 
@@ -167,13 +167,11 @@ def collect(matrix, store) -> tuple[list[dict], list[str]]:
     without a result."""
     rows, missing = [], []
     for cell in matrix.cells:
-        r = store.read_result(cell.key)
-        if r is None:
+        result = store.read_result(cell.key)
+        if result is None:
             missing.append(cell.label)
         else:
-            # results from before the harness kept one warnings list: the defense's own guards
-            r.setdefault("warnings", [str(w) for w in (r.get("info") or {}).get("warnings", [])])
-            rows.append({**r, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
+            rows.append({**result.row, **{k: v for k, v in cell.row().items() if k in ("attack_name", "defense_name")},
                          "attack_display": cell.attack.display_name or cell.attack.key,
                          "defense_display": cell.defense.display_name or cell.defense.key})
     return rows, missing
@@ -194,9 +192,9 @@ def load(source, output: str | Path | None = None) -> pd.DataFrame:
                                 f"matrix YAML")
     rows = []
     for path in sorted((store.root / "results").glob("*.json")):
-        row, problem = store.load_result(path, path.stem)
+        result, problem = store.load_result(path, path.stem)
         if problem:
             store.report_bad(path, problem)
-        elif row is not None:
-            rows.append(row)
+        elif result is not None:
+            rows.append(result.row)
     return frame(rows)

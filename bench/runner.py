@@ -34,7 +34,7 @@ from .core.models import ModelFactory
 from .core.tensors import round_robin, stream
 from .core.trainer import Checkpoint, Trainer
 from .matrix import Cell
-from .store import Store, atomic_write_bytes, digest, sha256_file
+from .store import CellResult, Store, atomic_write_bytes, digest, sha256_file
 
 log = logging.getLogger("bench")
 
@@ -277,14 +277,14 @@ class Runner:
     def result_path(self, cell: Cell):
         return self.store.result_path(cell.key)
 
-    def cached_result(self, cell: Cell) -> dict | None:
+    def cached_result(self, cell: Cell) -> CellResult | None:
         """The cell's verified result; a corrupt, edited or malformed file is named once and ignored."""
         return self.store.read_result(cell.key)
 
     def has_saved_model(self, cell: Cell) -> bool:
         return (self.store.dir("models", cell.key) / "meta.json").exists()
 
-    def finished(self, cell: Cell) -> dict | None:
+    def finished(self, cell: Cell) -> CellResult | None:
         """The cell's cached result when nothing this run asks for is missing: with ``save_models``,
         a result without its saved model counts as unfinished (the cell is recomputed to save it)."""
         row = self.cached_result(cell)
@@ -301,14 +301,14 @@ class Runner:
         With ``wait=False``, :class:`~bench.store.Held` when another process is computing it."""
         cached = self.finished(cell)
         if cached is not None:
-            return cached, False
+            return cached.row, False
         with self.store.lock("result", cell.key, wait=wait):
             cached = self.finished(cell)  # another process may have finished it meanwhile
             if cached is not None:
-                return cached, False
-            return self._run_cell(cell), True
+                return cached.row, False
+            return self._run_cell(cell).row, True
 
-    def _run_cell(self, cell: Cell) -> dict:
+    def _run_cell(self, cell: Cell) -> CellResult:
         ds = self.dataset(cell)
         poisoned, trig = self.poisoned(cell)
         backdoor_meta = None

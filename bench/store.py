@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,6 +91,39 @@ def result_problem(row, key: str | None = None) -> str | None:
         if not (row[name] != row[name] or 0 <= row[name] <= 1):  # NaN allowed (nothing counted)
             return f"malformed: '{name}' is {row[name]}, outside [0, 1]"
     return None
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """A cell's result as the store keeps it (``results/<key>.json``): the fields every reader needs,
+    typed, and the whole record (``row``: identity, parameters, metrics, detection, observations,
+    further models, evaluations) as JSON data.  :meth:`from_json` is the one place where a file
+    written by an earlier version of the harness is brought up to the present layout."""
+
+    key: str
+    acc: float
+    asr: float
+    wall_time_s: float
+    epoch_equivalents: float
+    #: everything a reader should know about the numbers: the defense's guards and the harness's
+    warnings: list[str]
+    #: how it was computed (device, dtype, threads, torch), None in files older than that record
+    numerics: dict | None
+    #: the backdoored model it started from (ACC, ASR, RA, cost, numerics), None for a fresh training
+    backdoor: dict | None
+    row: dict
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "CellResult":
+        """A verified record (see :func:`result_problem`), upgraded: results written before the
+        harness kept one warnings list carry the defense's guards in ``info.warnings``."""
+        row = dict(raw)
+        row.setdefault("warnings", [str(w) for w in (row.get("info") or {}).get("warnings", [])])
+        return cls(row["key"], row["acc"], row["asr"], row["wall_time_s"], row["epoch_equivalents"],
+                   list(row["warnings"]), row.get("numerics"), row.get("backdoor"), row)
+
+    def to_json(self) -> dict:
+        return self.row
 
 
 class Store:
@@ -178,25 +212,25 @@ class Store:
         """Where the result of the cell with this key (``Cell.key``) lives."""
         return self.root / "results" / f"{key}.json"
 
-    def read_result(self, key: str) -> dict | None:
+    def read_result(self, key: str) -> CellResult | None:
         """The verified result of the cell with this key, else None; a corrupt, edited or malformed
         file is named once in the log and ignored (the cell is recomputed)."""
         path = self.result_path(key)
-        row, problem = self.load_result(path, key)
+        result, problem = self.load_result(path, key)
         if problem:
             self.report_bad(path, problem)
-        return row
+        return result
 
-    def save_result(self, path: Path, row: dict) -> dict:
-        """Write a result with its checksum; returns the row exactly as a later load sees it."""
+    def save_result(self, path: Path, row: dict) -> CellResult:
+        """Write a result with its checksum; returns it exactly as a later load sees it."""
         row = json.loads(json.dumps(row, default=str))  # what a reader gets back, checksum included
         row.pop(CHECKSUM, None)
         row[CHECKSUM] = result_checksum(row)
         atomic_write_json(path, row)
-        return row
+        return CellResult.from_json(row)
 
-    def load_result(self, path: Path, key: str | None = None) -> tuple[dict | None, str | None]:
-        """``(row, None)`` for a verified result, ``(None, None)`` when there is none, and
+    def load_result(self, path: Path, key: str | None = None) -> tuple[CellResult | None, str | None]:
+        """``(result, None)`` for a verified result, ``(None, None)`` when there is none, and
         ``(None, problem)`` for a file that is corrupt, edited by hand or not a result at all.
         A result written before checksums existed is accepted when it is well formed."""
         try:
@@ -212,7 +246,7 @@ class Store:
         except ValueError as e:
             return None, f"corrupt: not JSON ({e})"
         problem = result_problem(row, key)
-        return (None, problem) if problem else (row, None)
+        return (None, problem) if problem else (CellResult.from_json(row), None)
 
     def save_json(self, kind: str, key: str, name: str, obj) -> Path:
         path = self.dir(kind, key) / name

@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 from bench.core.models import build_model
@@ -56,9 +58,24 @@ def _saved(tmp_path):
 
 def test_result_roundtrip_carries_a_checksum(tmp_path):
     s, path = _saved(tmp_path)
-    row, problem = s.load_result(path, "k")
-    assert problem is None and row["acc"] == 0.97 and row["info"] == {"t": [1, 2]} and len(row["checksum"]) == 64
+    result, problem = s.load_result(path, "k")
+    assert problem is None and result.acc == 0.97 and result.row["info"] == {"t": [1, 2]}
+    assert len(result.row["checksum"]) == 64 and result.to_json() == json.loads(path.read_text()) | {"warnings": []}
     assert s.load_result(tmp_path / "results" / "none.json") == (None, None)
+
+
+def test_a_result_from_before_the_warnings_list_is_upgraded_on_reading(tmp_path):
+    """The one upgrade of older files: their defense's guards, kept in ``info.warnings``, become the
+    result's warnings; a current file's own list is kept as it is."""
+    s = Store(tmp_path)
+    old = {"acc": 0.9, "asr": 0.1, "wall_time_s": 1.0, "epoch_equivalents": 1.0, "key": "o",
+           "info": {"warnings": ["collapse"]}}
+    (tmp_path / "results").mkdir(exist_ok=True)
+    (tmp_path / "results" / "o.json").write_text(json.dumps(old))  # no checksum: written before them
+    result = s.read_result("o")
+    assert result.warnings == ["collapse"] and result.numerics is None and result.backdoor is None
+    s.save_result(s.result_path("n"), {**old, "key": "n", "warnings": ["chance"]})
+    assert s.read_result("n").warnings == ["chance"]
 
 
 def test_result_with_a_bad_byte_is_named_not_raised(tmp_path):
@@ -98,7 +115,7 @@ def test_result_of_another_cell_and_results_without_checksum(tmp_path):
     row = json.loads(path.read_text())
     del row["checksum"]  # written before checksums existed: accepted when well formed
     path.write_text(json.dumps(row))
-    assert s.load_result(path, "k")[0]["acc"] == 0.97
+    assert s.load_result(path, "k")[0].acc == 0.97
     row["acc"] = 1.5
     path.write_text(json.dumps(row))
     assert s.load_result(path, "k")[1] == "malformed: 'acc' is 1.5, outside [0, 1]"

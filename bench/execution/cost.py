@@ -86,13 +86,14 @@ class CostModel:
         """Earlier results in the store with the same device and thread count (where recorded)."""
         same = {k: self.numerics.get(k) for k in ("device", "threads") if self.numerics.get(k) is not None}
         for path in (store.root / "results").glob("*.json"):
-            r, _ = store.load_result(path)
-            if r is None or any((r.get("numerics") or {}).get(k, v) != v for k, v in same.items()):
+            result, _ = store.load_result(path)
+            if result is None or any((result.numerics or {}).get(k, v) != v for k, v in same.items()):
                 continue
+            r = result.row
             key = _defense_key(r.get("dataset"), r.get("train_limit"), r.get("model"), r.get("defense"),
                                r.get("defense_params"), r.get("recipe"))
-            self.cell_ee.setdefault(key, r["epoch_equivalents"])
-            b = r.get("backdoor") or {}
+            self.cell_ee.setdefault(key, result.epoch_equivalents)
+            b = result.backdoor or {}
             if b.get("wall_time_s") and b.get("epoch_equivalents"):
                 acc = self.speed_before[_speed_key(r.get("dataset"), r.get("train_limit"), r.get("model"))]
                 acc[0] += b["wall_time_s"]

@@ -65,7 +65,7 @@ def execute(p: Plan, runner: Runner, slots: list[Slot] | None, progress="stderr"
 
 def _known_outcomes(p: Plan, runner: Runner) -> dict[int, CellOutcome]:
     """The outcomes known before any work: cached results and failures the run does not retry."""
-    outcomes = {id(c): CellOutcome(c, "cached", runner.cached_result(c)) for c in p.cached}
+    outcomes = {id(c): CellOutcome(c, "cached", runner.store.read_result(c.key).row) for c in p.cached}
     for c in p.failed_before:
         rec = earlier_failure(runner.store, c) or {}
         outcomes[id(c)] = CellOutcome(c, "failed", error=f"failed in an earlier run: {rec.get('error')} "

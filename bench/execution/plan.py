@@ -162,11 +162,11 @@ def numerics_conflict(cells: list[Cell], runner, command: str | None = None) -> 
     be compared and are left out."""
     tables: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
-        r = runner.cached_result(c)
+        r = runner.store.read_result(c.key)
         if r is None:
             continue
         used = {tuple(str(n.get(k)) for k in NUMERICS_FIELDS)
-                for n in (r.get("numerics"), (r.get("backdoor") or {}).get("numerics")) if isinstance(n, dict)}
+                for n in (r.numerics, (r.backdoor or {}).get("numerics")) if isinstance(n, dict)}
         for kind in used:  # a cell whose backdoored model was computed differently counts on both sides
             tables[(c.dataset.label, c.model)][kind].append(c.label)
     for (dataset, model), kinds in tables.items():
@@ -223,21 +223,21 @@ def drop_mismatched(cells: list[Cell], runner, threads: int) -> tuple[int, int]:
 
     results = models = 0
     for c in cells:
-        r = runner.cached_result(c)
+        r = runner.store.read_result(c.key)
         if r is None:
             continue
         now = {k: str(v) for k, v in run_numerics(c, runner, threads).items()}
         def same(n):
             return isinstance(n, dict) and all(str(n.get(k)) == now[k] for k in NUMERICS_FIELDS)
 
-        bd = r.get("backdoor")
+        bd = r.backdoor
         if bd is not None and not same(bd.get("numerics")):
             folder = runner.store.dir("backdoor", c.backdoor_key)
             if folder.exists():
                 shutil.rmtree(folder)
                 models += 1
-        if not same(r.get("numerics")) or (bd is not None and not same(bd.get("numerics"))):
-            runner.result_path(c).unlink(missing_ok=True)
+        if not same(r.numerics) or (bd is not None and not same(bd.get("numerics"))):
+            runner.store.result_path(c.key).unlink(missing_ok=True)
             results += 1
     return results, models
 
