@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal
 
 import torch
 
 from bench.core.data import ImageSet
 from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.params import Range
 from bench.core.registry import register_defense
 
 from .enhance import EnhanceConfig, Enhancement, Observer, enhance
@@ -75,7 +76,7 @@ class AdvrBD(Defense):
 
     # --- start model ---
     #: None = start from the cached backdoored model; an integer = train a fresh model this many epochs
-    warmup_epochs: int | None = None
+    warmup_epochs: int | None = field(default=None, metadata={"range": Range(1)})
     #: lr schedule of that warm-up: "constant" (the recipe's lr, not annealed: a model still in
     #: training) or "recipe" (the recipe's own schedule, compressed to warmup_epochs) [ours]
     warmup_schedule: Literal["constant", "recipe"] = "constant"
@@ -182,12 +183,6 @@ class AdvrBD(Defense):
         super().__post_init__()
         self.calibrate_candidates = tuple(self.calibrate_candidates)
         self.flip_rate_range = tuple(self.flip_rate_range)
-        if not 0 < self.partition_rate <= 1:
-            raise ValueError(f"partition_rate: {self.partition_rate} must be in (0, 1]")
-        if self.rounds < 1:
-            raise ValueError(f"rounds: {self.rounds} must be >= 1")
-        if self.warmup_epochs is not None and self.warmup_epochs < 1:
-            raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be >= 1 or null")
         if self.relearn_passes > 1 and self.relearn_passes != int(self.relearn_passes):
             raise ValueError(f"relearn_passes: {self.relearn_passes} must be a whole number when above 1")
 

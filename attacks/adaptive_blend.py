@@ -57,9 +57,6 @@ class AdaptiveBlend(Attack):
         g = math.isqrt(self.pieces)
         if self.pieces < 1 or g * g != self.pieces:
             raise ValueError(f"pieces: {self.pieces} must be a perfect square (e.g. 16)")
-        for name in ("alpha_train", "alpha_test", "mask_rate", "cover_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: {getattr(self, name)} is outside [0, 1]")
 
     @property
     def grid(self) -> int:

@@ -81,9 +81,6 @@ class AdaptivePatch(Attack):
             if len(self.train_alphas) != len(self.PRESET_ALPHAS[self.preset]):
                 raise ValueError(f"train_alphas: preset '{self.preset}' has "
                                  f"{len(self.PRESET_ALPHAS[self.preset])} triggers, got {len(self.train_alphas)} values")
-        for a in (*(self.train_alphas or ()), self.test_alpha, self.cover_ratio):
-            if not 0.0 <= a <= 1.0:
-                raise ValueError(f"opacities and cover_ratio must lie in [0, 1], got {a}")
 
     @property
     def logo_geometry(self) -> dict:

@@ -38,11 +38,6 @@ class BadNet(Attack):
 
     display_name = "BadNet"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.patch_size is not None and self.patch_size < 1:
-            raise ValueError(f"patch_size: {self.patch_size} must be >= 1")
-
     def trigger(self, channels: int, size: int):
         side = self.patch_size or proportional(3, size)
         if self.style == "checker":

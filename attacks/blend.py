@@ -41,13 +41,6 @@ class Blend(Attack):
 
     display_name = "Blend"
 
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("alpha", "alpha_test"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}: {v} is outside [0, 1]")
-
     def trigger(self, channels: int, size: int):
         return sticker(size, channels, self.trigger_seed)
 

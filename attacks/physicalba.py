@@ -14,13 +14,14 @@ them), and the contrast mean is the image's mean luminance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bench.core.attack import Attack
+from bench.core.params import Range
 from bench.core.registry import register_attack
 
 from .procedural import badge
@@ -52,9 +53,9 @@ class PhysicalBA(Attack):
     #: probability of a horizontal flip
     flip_p: float = 0.5
     #: brightness factor drawn from U(1 - b, 1 + b)
-    brightness: float = 0.2
+    brightness: float = field(default=0.2, metadata={"range": Range(0, 1)})
     #: contrast factor drawn from U(1 - c, 1 + c)
-    contrast: float = 0.2
+    contrast: float = field(default=0.2, metadata={"range": Range(0, 1)})
     #: rotation drawn from U(-degrees, degrees)
     degrees: float = 10.0
     #: translation drawn from U(-t, t) times the image side, per axis
@@ -70,11 +71,8 @@ class PhysicalBA(Attack):
         if not (0 < self.logo_diameter <= 1 and self.logo_top >= 0 and self.logo_right >= 0
                 and self.logo_diameter + max(self.logo_top, self.logo_right) <= 1):
             raise ValueError("logo_diameter/logo_top/logo_right: the badge must fit inside the image")
-        if not 0 < self.scale_min <= self.scale_max:
-            raise ValueError(f"scale_min/scale_max: need 0 < {self.scale_min} <= {self.scale_max}")
-        for name in ("flip_p", "brightness", "contrast", "translate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: {getattr(self, name)} is outside [0, 1]")
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min/scale_max: need {self.scale_min} <= {self.scale_max}")
 
     @property
     def logo_geometry(self) -> dict:

@@ -35,11 +35,6 @@ class SIG(Attack):
     display_name = "SIG"
     clean_label = True
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.delta <= 1.0:
-            raise ValueError(f"delta: {self.delta} is outside [0, 1]")
-
     def signal(self, width: int) -> torch.Tensor:
         """The 1 x W signal (broadcast over channels and rows)."""
         j = torch.arange(width, dtype=torch.float32)

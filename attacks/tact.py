@@ -43,14 +43,10 @@ class TaCT(BadNet):
     def __post_init__(self):
         super().__post_init__()
         self.cover_classes = tuple(self.cover_classes)
-        if self.source < 0 or any(c < 0 for c in self.cover_classes):
-            raise ValueError("source/cover_classes: class indices must be >= 0")
         if self.source == self.target:
             raise ValueError(f"source: {self.source} must differ from target {self.target}")
         if self.source in self.cover_classes:
             raise ValueError(f"cover_classes: {list(self.cover_classes)} must not contain the source {self.source}")
-        if not 0.0 <= self.cover_ratio <= 1.0:
-            raise ValueError(f"cover_ratio: {self.cover_ratio} is outside [0, 1]")
 
     def eligible_poison(self, y: torch.Tensor) -> torch.Tensor:
         return y == self.source

@@ -13,13 +13,14 @@ does.  The warp comes from ``trigger_seed``, so training and test use the same f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from bench.core.attack import Attack, to_float, to_uint8
+from bench.core.params import Range
 from bench.core.registry import register_attack
 
 
@@ -49,7 +50,7 @@ class WaNet(Attack):
     """
 
     #: control-grid size of the warp
-    k: int = 4
+    k: int = field(default=4, metadata={"range": Range(2)})
     #: warp strength
     s: float = 0.5
     #: scale of the warped grid (1 = no rescaling)
@@ -65,10 +66,6 @@ class WaNet(Attack):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.k < 2:
-            raise ValueError(f"k: {self.k} must be >= 2")
-        if not 0.0 <= self.cover_ratio <= 1.0:
-            raise ValueError(f"cover_ratio: {self.cover_ratio} is outside [0, 1]")
         if self.poison_ratio + self.cover_ratio > 1.0:
             raise ValueError("poison_ratio + cover_ratio must not exceed 1")
 

@@ -40,13 +40,14 @@ dropped lr from the same fraction (``retrain_milestone``) of a shortened schedul
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.core.defense import DefenseContext, Detection, DetectThenRepair
+from bench.core.params import Range
 from bench.core.registry import register_defense
 
 
@@ -59,14 +60,14 @@ class ABL(DetectThenRepair):
     #: a preset replaces only the fields still at the authors' default (see the module docstring)
     preset: Literal["authors", "backdoorbench"] = "authors"
     #: fraction of the training set isolated (paper p = 0.01; bboylyg/ABL config.py isolation_ratio)
-    isolation_ratio: float = 0.01
+    isolation_ratio: float = field(default=0.01, metadata={"range": Range(0, 1, low_open=True, high_open=True)})
     #: LGA loss floor gamma (paper Sec. 4, 0.5; bboylyg/ABL config.py gamma and flooding)
     gamma: float = 0.5
     #: "batch" (bboylyg/ABL backdoor_isolation.py LGA branch), "sample" (paper Eq. 3) or "flooding"
     #: (bboylyg/ABL config.py default gradient_ascent_type)
     lga: Literal["batch", "sample", "flooding"] = "batch"
     #: isolation epochs (bboylyg/ABL config.py tuning_epochs 10; BackdoorBench and the paper: 20)
-    isolation_epochs: int = 10
+    isolation_epochs: int = field(default=10, metadata={"range": Range(1)})
     #: constant lr of the isolation phase (bboylyg/ABL config.py lr 0.1; BackdoorBench: 0.01)
     isolation_lr: float = 0.1
     #: augmentation while isolating: none in bboylyg/ABL (data_loader.py get_backdoor_loader,
@@ -116,10 +117,6 @@ class ABL(DetectThenRepair):
         for key, value in self.PRESETS[self.preset].items():
             if getattr(self, key) == defaults[key]:
                 setattr(self, key, value)
-        if not 0.0 < self.isolation_ratio < 1.0:
-            raise ValueError(f"isolation_ratio: {self.isolation_ratio} must be in (0, 1)")
-        if self.isolation_epochs < 1 or self.retrain_epochs < 0 or self.unlearn_epochs < 0:
-            raise ValueError("isolation_epochs must be >= 1, retrain_epochs and unlearn_epochs >= 0")
 
     # --- pieces ----------------------------------------------------------------------------------
     def lga_loss(self, model, x, y, idx):

@@ -109,11 +109,6 @@ class CLP(Defense):
 
     display_name = "CLP"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.repair_epochs < 0:
-            raise ValueError("repair_epochs must be >= 0")
-
     def needs(self) -> Needs:
         # only a repair on the clean reserve breaks the data-free threat model
         # and only a repair trains (pruning itself is data-free and training-free)

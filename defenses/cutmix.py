@@ -139,13 +139,9 @@ class CutMix(Defense):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.p <= 1:
-            raise ValueError(f"p: {self.p} must be in [0, 1]")
-        if self.beta <= 0:
-            raise ValueError(f"beta: {self.beta} must be > 0")
         lo, hi = self.lambda_range
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"lambda_range: {self.lambda_range} must satisfy 0 <= low <= high <= 1")
+        if lo > hi:
+            raise ValueError(f"lambda_range: {self.lambda_range} must satisfy low <= high")
 
     def needs(self) -> Needs:
         # training from scratch does not start from (or need) the backdoored model

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -61,6 +61,7 @@ import torch.nn as nn
 
 from bench.core.data import ImageSet
 from bench.core.defense import Defense, DefenseContext, Needs, Outcome
+from bench.core.params import Range
 from bench.core.registry import register_defense
 from bench.core.tensors import rank_within_class
 from bench.core.trainer import Schedule, Trainer
@@ -143,7 +144,7 @@ class FinePruning(Defense):
     layer: int | None = None
     #: fixed fraction of channels to prune, no accuracy stop; None = the preset's
     #: (original, backdoorbench: None, i.e. the accuracy stop; advrbd: 0.2, BackdoorBox)
-    prune_rate: float | None = None
+    prune_rate: float | None = field(default=None, metadata={"range": Range(0, 1, high_open=True)})
     #: accuracy drop at which pruning stops; None = the preset's (original: 0.04 absolute;
     #: backdoorbench: 0.10 relative, BackdoorBench's acc_ratio)
     acc_drop: float | None = None
@@ -155,13 +156,13 @@ class FinePruning(Defense):
     stop_z: float = 2.0
     #: class-balanced fraction of the reserve held out for the accuracy check; 0 = check on the
     #: whole reserve; None = the preset's (original: 0.2, an 80/20 split; backdoorbench: 0)
-    holdout_fraction: float | None = None
+    holdout_fraction: float | None = field(default=None, metadata={"range": Range(0, 1, high_open=True)})
     #: channels masked per pruning step; None = the preset's (original: 1, the paper prunes one at
     #: a time; backdoorbench: ceil(prune_step_fraction x channels))
     prune_step: int | None = None
     #: fraction of the channels per step when ``prune_step`` is None: 0.01 (BackdoorBench's
     #: once_prune_ratio; used by the backdoorbench preset only)
-    prune_step_fraction: float = 0.01
+    prune_step_fraction: float = field(default=0.01, metadata={"range": Range(0, 1, low_open=True)})
     #: fine-tuning epochs with the masks fixed; None = the preset's (original: 20; backdoorbench:
     #: 100, BackdoorBench's epochs; advrbd: 0)
     finetune_epochs: int | None = None
@@ -188,19 +189,9 @@ class FinePruning(Defense):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prune_rate is not None and not 0 <= self.prune_rate < 1:
-            raise ValueError(f"prune_rate: {self.prune_rate} must be in [0, 1)")
-        if self.holdout_fraction is not None and not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction: {self.holdout_fraction} must be in [0, 1)")
-        if self.prune_step is not None and self.prune_step < 1:
-            raise ValueError("prune_step must be >= 1")
-        if not 0 < self.prune_step_fraction <= 1:
-            raise ValueError(f"prune_step_fraction: {self.prune_step_fraction} must be in (0, 1]")
-        if self.stop_z < 0:
-            raise ValueError(f"stop_z: {self.stop_z} must be >= 0")
         if self.finetune_epochs is not None and (isinstance(self.finetune_epochs, bool) or
-                                                 not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0):
-            raise ValueError(f"finetune_epochs: {self.finetune_epochs!r} must be a non-negative integer")
+                                                 not isinstance(self.finetune_epochs, int)):
+            raise ValueError(f"finetune_epochs: {self.finetune_epochs!r} must be an integer")
 
     # --- resolved settings ----------------------------------------------------------------------
     def resolved(self, model) -> dict:

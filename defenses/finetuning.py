@@ -53,11 +53,6 @@ class FineTuning(Defense):
         return Needs(backdoored_model=True, clean_data=True)
     display_name = "FineTuning"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.epochs < 0 or self.lr <= 0:
-            raise ValueError("epochs must be >= 0 and lr > 0")
-
     def run(self, ctx: DefenseContext) -> Outcome:
         reserve = require_reserve(ctx, "FineTuning")
         model = ctx.backdoored_model()

@@ -80,6 +80,7 @@ import torch.nn as nn
 
 from bench.core.defense import Defense, DefenseContext, Outcome
 from bench.core.models import BasicBlock
+from bench.core.params import Range
 from bench.core.registry import register_defense
 
 from ._common import jenks_two_class
@@ -282,7 +283,7 @@ class NONE(Defense):
     """NONE: reset neurons with hyperplane-like (backdoor) behaviour and drop the samples that drive them."""
 
     #: normal training epochs from scratch before the first round (authors' README for CIFAR-10: 200)
-    e1_epochs: int = 200
+    e1_epochs: int = field(default=200, metadata={"range": Range(1)})
     #: fine-tuning epochs per round (authors' README and run_none.py default: 20)
     e2_epochs: int = 20
     #: rounds of detect/reset/fine-tune (authors' README for injected backdoors: 1)
@@ -290,7 +291,7 @@ class NONE(Defense):
     #: constant fine-tuning learning rate (authors' README: 1e-4)
     none_lr: float = 1e-4
     #: fraction of each monitored conv's channels reset per round (authors' README for CIFAR-10: 0.03)
-    reset_fraction: float = 0.03
+    reset_fraction: float = field(default=0.03, metadata={"range": Range(0, 1, low_open=True)})
     #: high-confidence threshold lambda_h (authors' run_none.py default: 0.9)
     lambda_h: float = 0.9
     #: low-confidence threshold lambda_l (authors' run_none.py default: 0.1)
@@ -308,15 +309,6 @@ class NONE(Defense):
 
     version: ClassVar[int] = 3
     display_name = "NONE"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.reset_fraction <= 1:
-            raise ValueError(f"reset_fraction: {self.reset_fraction} must be in (0, 1]")
-        if self.rounds < 1:
-            raise ValueError(f"rounds: {self.rounds} must be >= 1")
-        if self.e1_epochs < 1 or self.e2_epochs < 0:
-            raise ValueError("e1_epochs must be >= 1 and e2_epochs >= 0")
 
     def detect(self, ctx: DefenseContext, model) -> dict:
         """Score the channels of the current model on all of D; select channels; Jenks-flag samples."""

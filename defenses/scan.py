@@ -269,8 +269,8 @@ class SCAnFT(DetectThenRepair):
         super().__post_init__()
         for name in ("repair_epochs", "retrain_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: {value!r} must be a non-negative integer (absolute epochs)")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: {value!r} must be an integer (absolute epochs)")
 
     def needs(self) -> Needs:
         return Needs(backdoored_model=True, clean_data=self.trusted_reserve)

@@ -164,7 +164,7 @@ def test_divergence_guard_fires_on_a_constructed_collapse(backdoored):
     assert stats["guard"] and stats["guard"].startswith("CE(D_c)") and stats["unlearn_steps"] < 5, stats
     # a moderate ascent until D_c is unlearned: the accuracy bound stops it (the model collapses onto
     # one class, so D_c's accuracy bottoms out near that class's share of D_c, about 1/10 here)
-    cfg = AdvrBD(**DIGITS, unlearn_lr=0.05, unlearn_passes=50, guard_acc=0.2, guard_loss=float("inf"),
+    cfg = AdvrBD(**DIGITS, unlearn_lr=0.05, unlearn_passes=50, guard_acc=0.2, guard_loss=1e30,
                  guard_every=1).enhance_config()
     stats = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c, cfg, torch.Generator().manual_seed(0), 10)
     assert stats["guard"] and stats["guard"].startswith("acc(D_c)") and stats["unlearn_acc_dc"] <= 0.2, stats
@@ -300,7 +300,7 @@ def test_budget_ascent_runs_its_passes_where_chance_stops_early(backdoored):
     ds, poisoned, trainer, model = backdoored
     d_c = torch.arange(64)
     common = dict(**DIGITS, unlearn_lr=0.05, unlearn_passes=30, guard_every=1, guard_acc=0.2,
-                  guard_loss=float("inf"))
+                  guard_loss=1e30)
     chance = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c,
                            AdvrBD(**common).enhance_config(), torch.Generator().manual_seed(0), 10)
     budget = unlearn_phase(copy.deepcopy(model), trainer, poisoned.train, d_c,

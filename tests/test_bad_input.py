@@ -65,7 +65,7 @@ def test_integers_stay_integers():
     ({"attacks": [{"name": "tact", "cover_classes": [5, 5]}]}, "attacks[0].cover_classes", "listed twice"),
     ({"attacks": [{"name": "tact", "source": 12}]}, "attacks[0].source", "allowed: 0..9"),
     ({"defenses": [{"name": "finetuning", "epochs": 0}]}, "defenses[0].epochs", "allowed: >= 1"),
-    ({"defenses": [{"name": "abl", "isolation_ratio": -0.1}]}, "defenses[0].isolation_ratio", "allowed: [0, 1]"),
+    ({"defenses": [{"name": "abl", "isolation_ratio": -0.1}]}, "defenses[0].isolation_ratio", "allowed: (0, 1)"),
     ({"attacks": []}, "attacks", "empty list"),
     ({"seeds": []}, "seeds", "empty list"),
     ({"seeds": [-1]}, "seeds[0]", "out of range"),

@@ -194,6 +194,20 @@ def check_choices(obj, where: str = "") -> None:
             _check_type(getattr(obj, f.name), hint, f"{where}{f.name}")
 
 
+def check_ranges(obj, where: str = "") -> None:
+    """Raise :class:`ConfigError` (``"<field>: 1.5 is out of range; allowed: [0, 1]"``) for a numeric
+    field outside its range (:func:`range_of`).  Components check this on construction, so a range
+    is written once: in the field's metadata, else in :data:`RANGES`."""
+    for f in dataclasses.fields(obj):
+        _check_range(getattr(obj, f.name), range_of(f), f"{where}{f.name}")
+
+
+def check_params(obj, where: str = "") -> None:
+    """Every field of a component within its choices and its range."""
+    check_choices(obj, where)
+    check_ranges(obj, where)
+
+
 def build(cls: type, params: dict, where: str):
     """Instantiate a dataclass component from YAML params, naming any bad field."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

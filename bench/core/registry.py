@@ -19,7 +19,7 @@ import pkgutil
 import typing
 from importlib import metadata
 
-from .params import ConfigError, _show, check_choices, closest, describe
+from .params import ConfigError, _show, check_params, closest, describe
 
 
 class Registered:
@@ -37,7 +37,7 @@ class Registered:
     kind: typing.ClassVar[str] = ""
 
     def __post_init__(self):
-        check_choices(self)
+        check_params(self)
 
     def __reduce__(self):
         names = {f.name for f in dataclasses.fields(self)}
