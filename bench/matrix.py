@@ -42,7 +42,7 @@ import yaml
 from .core.attack import Attack
 from .core.defense import Defense
 from .core.params import as_number, build, closest, ConfigError, label, params_of
-from .core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS
+from .core.registry import ATTACKS, DATASETS, DEFENSES, EVALUATIONS, MODELS, REGISTRIES
 from .core.trainer import RECIPE_PRESETS, Recipe, resolve_precision
 from .store import digest, sha256_file
 from .versions import code_hash, source_files
@@ -102,9 +102,10 @@ class DatasetSpec:
         return self.display + (f"[{self.train_limit}]" if self.train_limit else "")
 
 
-#: the top-level packages of this project: their components are versioned by ``version`` and
-#: ``bench/versions.json`` (checked by a test), so their code stays out of the cache keys
-OWN_PACKAGES = ("bench", "attacks", "defenses", "advrbd", "evaluations")
+#: the top-level packages of this project (the harness and the packages its registries load
+#: components from): their components are versioned by ``version`` and ``bench/versions.json``
+#: (checked by a test), so their code stays out of the cache keys
+OWN_PACKAGES = tuple(dict.fromkeys(["bench", *(p.split(".")[0] for r in REGISTRIES.values() for p in r.packages)]))
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 
-from .failures import Failure, Interrupted
+from .failures import Interrupted
 from .ray_executor import RayExecutor
 from .slurm_executor import SlurmExecutor, SlurmOptions
 from .tasks import CELL, TaskResult, WorkerSpec, run_task, worker_runner
@@ -125,8 +125,7 @@ class PoolExecutor:
             try:
                 result = f.result()
             except Exception as e:  # the worker process died
-                result = TaskResult("failed", 0.0, failure=Failure(f"worker died: {e!r}", "environment"),
-                                    traceback=traceback.format_exc())
+                result = TaskResult.lost("worker died", e, traceback.format_exc())
             out.append((self.futures.pop(f), result))
         return out
 

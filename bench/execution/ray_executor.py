@@ -18,7 +18,6 @@ import socket
 import sys
 import traceback
 
-from .failures import Failure
 from .plan import Slot
 from .tasks import TaskResult, WorkerSpec, run_task, worker_runner
 
@@ -93,8 +92,7 @@ class RayExecutor:
             try:
                 result = self.ray.get(ref)
             except Exception as e:  # the task or its worker died, retries spent
-                result = TaskResult("failed", 0.0, failure=Failure(f"ray task died: {e!r}", "environment"),
-                                    traceback=traceback.format_exc())
+                result = TaskResult.lost("ray task died", e, traceback.format_exc())
             out.append((self.pending.pop(ref), result))
         return out
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .failures import Failure
 from .tasks import BACKDOOR, CELL, TaskResult, WorkerSpec, run_task, worker_runner
 
 
@@ -101,8 +100,7 @@ class SlurmExecutor:
             try:
                 results = j.result()
             except Exception as e:  # the job failed as a whole (time limit, node failure): rerun retries it
-                results = [TaskResult("failed", 0.0, failure=Failure(f"job {j.job_id} failed: {e!r}", "environment"))
-                           ] * len(tags)
+                results = [TaskResult.lost(f"job {j.job_id} failed", e)] * len(tags)
             out += list(zip(tags, results))
         return out
 

@@ -34,6 +34,11 @@ class TaskResult:
     failure: Failure | None = None
     traceback: str = ""
 
+    @classmethod
+    def lost(cls, what: str, error: Exception, tb: str = "") -> "TaskResult":
+        """A task whose process, Ray task or job died: the environment's failure (the next run retries it)."""
+        return cls("failed", 0.0, failure=Failure(f"{what}: {error!r}", "environment"), traceback=tb)
+
 
 def run_task(runner: Runner, kind: str, cell: Cell, wait: bool = False) -> TaskResult:
     """Run one task; a failure is recorded in the result (and logged), never raised, so the matrix
