@@ -214,7 +214,8 @@ class AdvrBD(Defense):
             model = trainer.prepare(ctx.backdoored_model())
         else:
             schedule = "constant" if self.warmup_schedule == "constant" else None
-            model = trainer.fit(ctx.make_model(), data, epochs=self.warmup_epochs, schedule=schedule, seed=ctx.seed)
+            model = trainer.fit(ctx.make_model(), data, epochs=self.warmup_epochs, schedule=schedule, seed=ctx.seed,
+                                name="AdvrBD warm-up")
         timings["warmup_s"] = time.time() - t0
 
         score_cfg = self.score_config()
@@ -260,7 +261,8 @@ class AdvrBD(Defense):
             self._warn(ctx, warnings, "identified clean set is empty: the clean model is untrained")
 
         t0 = time.time()
-        f_c = trainer.fit(ctx.make_model(), data, indices=clean_idx, seed=ctx.seed, checkpoint=ctx.checkpoint("clean"))
+        f_c = trainer.fit(ctx.make_model(), data, indices=clean_idx, seed=ctx.seed, checkpoint=ctx.checkpoint("clean"),
+                          name="AdvrBD clean model")
         timings["clean_model_s"] = time.time() - t0
 
         extra = {}
@@ -270,7 +272,7 @@ class AdvrBD(Defense):
             y_new[flagged] = trainer.predict(f_c, data.x[flagged])
             f_r = trainer.fit(copy.deepcopy(f_c), ImageSet(data.x, y_new), epochs=self.relearn_epochs, lr=self.relearn_lr,
                               schedule="cosine", seed=ctx.seed_for("relearn"), recipe=trainer.recipe.for_tuning(),
-                              checkpoint=ctx.checkpoint("relearn"))
+                              checkpoint=ctx.checkpoint("relearn"), name="AdvrBD relearn")
             extra["relearn"] = f_r
             timings["relearn_s"] = time.time() - t0
             timings["relabel_changed"] = int((y_new[flagged] != data.y[flagged]).sum())
