@@ -446,7 +446,6 @@ class Trainer:
 
     def __post_init__(self):
         self.device = torch.device(self.device)
-        cuda = self.device.type == "cuda"
         if self.channels_last is None:
             self.channels_last = True
         self.precision_reason = "asked for"
