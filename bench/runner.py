@@ -32,7 +32,7 @@ from .core.data import Dataset, ImageSet, load_dataset
 from .core.defense import DefenseContext, Observations, Outcome
 from .core.models import ModelFactory
 from .core.tensors import round_robin, stream
-from .core.trainer import Checkpoint, Trainer
+from .core.trainer import Checkpoint, Stopwatch, Trainer
 from .matrix import Cell
 from .store import CellResult, Store, atomic_write_bytes, digest, sha256_file
 
@@ -318,14 +318,14 @@ class Runner:
         trainer = self.trainer(cell)
         eval_trainer = Trainer(device=trainer.device, recipe=cell.run_recipe, **self.trainer_options)
         recorded = Observations()
-        ctx = self._context(cell, ds, poisoned, trainer, recorded)
-        t0 = time.time()
+        clock = Stopwatch()  # a phase resumed from a checkpoint sets it to the time that state had cost
+        ctx = self._context(cell, ds, poisoned, trainer, recorded, clock)
         out = cell.defense.run(ctx)
         if not isinstance(out, Outcome):
             raise TypeError(f"{type(cell.defense).__name__}.run must return an Outcome, got {type(out).__name__}")
         if out.flagged is not None:
             out.flagged = checked_flags(out.flagged, len(poisoned.train), type(cell.defense).__name__)
-        wall = time.time() - t0
+        wall = clock.elapsed()
         n = len(poisoned.train)
         row = {**cell.row(), **evaluate(eval_trainer, out.model, ds.test, trig, ds.num_classes),
                "wall_time_s": wall, "numerics": numerics(self.device, trainer.bf16),
@@ -348,7 +348,7 @@ class Runner:
         return saved
 
     def _context(self, cell: Cell, ds: Dataset, poisoned: PoisonedSet, trainer: Trainer,
-                 recorded: Observations) -> DefenseContext:
+                 recorded: Observations, clock: Stopwatch | None = None) -> DefenseContext:
         """What the defense sees.  Plain data (see bench.core.defense): the cell's own copy of the
         training set, model factories without a reference to this runner, and a record of
         observations the runner evaluates afterwards."""
@@ -368,7 +368,7 @@ class Runner:
             _backdoored=backdoored, _observations=recorded,
             _checkpoints=Checkpoint(self.store.root / "partial" / f"cell-{cell.key}.pt",
                                     every_s=self.checkpoint_every_s,
-                                    tag=digest(numerics(self.device, trainer.bf16))))
+                                    tag=digest(numerics(self.device, trainer.bf16)), clock=clock))
 
     def _measure(self, cell: Cell, out: Outcome, row: dict, trainer: Trainer, ds: Dataset, poisoned: PoisonedSet,
                  trig: TriggeredTest) -> None:

@@ -1,8 +1,12 @@
 """In-training checkpoints: a training stopped mid-way resumes where it was and ends identical."""
+import time
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from bench.core.data import load_dataset
+from bench.core.defense import Defense, Needs, Outcome
 from bench.core.models import build_model
 from bench.core.trainer import Checkpoint, Recipe, Trainer
 
@@ -123,3 +127,55 @@ def test_checkpoint_every_k_epochs_and_tensorboard_records(tmp_path):
     Runner(Store(tmp_path / "runs"), tensorboard=True).backdoored(cell)
     events = list((tmp_path / "runs" / "tensorboard").glob("backdoor-*/events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_a_checkpoint_carries_its_cells_stopwatch_reading(tmp_path):
+    from bench.core.trainer import Stopwatch
+
+    first = Stopwatch(_credit=100.0)  # a cell that had run 100 s when it wrote the state
+    Checkpoint(tmp_path / "c.pt", every_s=0, clock=first).save({"epoch": 1})
+    second = Stopwatch()  # the rerun, in a new process
+    assert second.elapsed() < 50
+    assert Checkpoint(tmp_path / "c.pt", clock=second).load()["epoch"] == 1
+    assert 100 <= second.elapsed() < 150
+    # a checkpoint without a clock (or written before clocks) leaves the reading alone
+    Checkpoint(tmp_path / "d.pt").save({"epoch": 1})
+    third = Stopwatch()
+    Checkpoint(tmp_path / "d.pt", clock=third).load()
+    assert third.elapsed() < 50
+
+
+@dataclass
+class SlowThenKilled(Defense):
+    """Test defense: its one phase takes ``phase_s`` and checkpoints; the first attempt is killed
+    right after the checkpoint, the rerun resumes from it and returns at once."""
+
+    phase_s: float = 0.5
+
+    def needs(self):
+        return Needs(backdoored_model=True)
+
+    def run(self, ctx):
+        ckpt = ctx.checkpoint("phase")
+        if ckpt.load() is None:
+            time.sleep(self.phase_s)
+            ckpt.save({"done": True})
+            raise Stop
+        return Outcome(ctx.backdoored_model())
+
+
+@pytest.mark.slow
+def test_a_resumed_cell_reports_the_time_of_the_work_it_kept(tmp_path):
+    from conftest import TINY_RECIPE, matrix_dict
+
+    from bench.matrix import parse_matrix
+    from bench.runner import Runner
+    from bench.store import Store
+
+    m = parse_matrix(matrix_dict(recipe={**TINY_RECIPE, "epochs": 1}, defenses=["test_checkpoint:SlowThenKilled"]))
+    runner = Runner(Store(tmp_path / "runs"))
+    runner.backdoored(m.cells[0])
+    with pytest.raises(Stop):
+        runner.compute(m.cells[0])
+    row, computed = Runner(Store(tmp_path / "runs")).compute(m.cells[0])
+    assert computed and row["wall_time_s"] >= SlowThenKilled.phase_s  # not only the rerun's few ms

@@ -157,7 +157,8 @@ class DefenseContext:
         if self._checkpoints is None:
             return None
         base = self._checkpoints
-        return Checkpoint(base.path.with_name(f"{base.path.stem}-{phase}.pt"), every_s=base.every_s, tag=base.tag)
+        return Checkpoint(base.path.with_name(f"{base.path.stem}-{phase}.pt"), every_s=base.every_s, tag=base.tag,
+                          clock=base.clock)
 
     def observe(self, tag: str, model: nn.Module) -> None:
         """Record ACC/ASR of an intermediate model (evaluated by the harness, not returned)."""

@@ -48,6 +48,29 @@ log = logging.getLogger("bench.train")
 PROGRESS_EPOCH_S = 10.0
 
 
+#: the key under which a checkpoint keeps its cell's stopwatch reading
+ELAPSED_KEY = "cell_elapsed_s"
+
+
+@dataclass
+class Stopwatch:
+    """A cell's compute time across interruptions.  A killed cell resumes a phase from a
+    :class:`Checkpoint`, which records the stopwatch's reading when it was written; loading it
+    sets the reading back to that value (the time this attempt spent before the resume re-did work
+    the state already holds), so a resumed cell reports about the time an uninterrupted run takes,
+    not only its last attempt's."""
+
+    _start: float = field(default_factory=time.monotonic, repr=False)
+    _credit: float = field(default=0.0, repr=False)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start + self._credit
+
+    def resumed_at(self, saved_elapsed: float) -> None:
+        """A state written when the cell had run ``saved_elapsed`` seconds was loaded."""
+        self._credit = max(self._credit, saved_elapsed - (time.monotonic() - self._start))
+
+
 @dataclass
 class Checkpoint:
     """Where :meth:`Trainer.fit` keeps its state during a long training, so that a training killed at
@@ -56,7 +79,8 @@ class Checkpoint:
     weights as an uninterrupted one.  The file is written atomically, at most every ``every_s``
     seconds (and never in the last epoch), and removed when the training ends.  ``tag`` (e.g. the
     numerics) must match for a saved state to be used: a state from another device or thread count
-    is discarded and the training starts over."""
+    is discarded and the training starts over.  With a ``clock`` (the cell's :class:`Stopwatch`),
+    each write records its reading and a load gives it back."""
 
     path: Path
     #: seconds between two writes; 0 writes after every epoch
@@ -64,6 +88,7 @@ class Checkpoint:
     tag: str = ""
     #: also write after every this many epochs, however little time passed (None: by time only)
     every_epochs: int | None = None
+    clock: Stopwatch | None = field(default=None, repr=False, compare=False)
     _last: float = field(default=0.0, repr=False)
 
     def load(self) -> dict | None:
@@ -78,6 +103,8 @@ class Checkpoint:
             log.warning("ignoring training checkpoint %s from other numerics (%s)", self.path,
                         state.get("tag") if isinstance(state, dict) else "?")
             return None
+        if self.clock is not None and isinstance(state.get(ELAPSED_KEY), float):
+            self.clock.resumed_at(state[ELAPSED_KEY])
         return state
 
     def due(self, epoch: int | None = None) -> bool:
@@ -91,7 +118,8 @@ class Checkpoint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            torch.save({**state, "tag": self.tag}, tmp)
+            clock = {ELAPSED_KEY: self.clock.elapsed()} if self.clock is not None else {}
+            torch.save({**state, **clock, "tag": self.tag}, tmp)
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
