@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,10 +194,10 @@ class Runner:
                 self._import_backdoored(cell, key, model, trainer, ds, trig)
                 return self.load_backdoored(cell)
             log.info("training backdoored model %s", cell.label)
-            t0 = time.time()
+            clock = Stopwatch()  # a resumed training sets it to the time its saved state had cost
             nums = numerics(self.device, trainer.bf16)
             ckpt = Checkpoint(self.store.root / "partial" / f"backdoor-{key}.pt", every_s=self.checkpoint_every_s,
-                              tag=digest(nums), every_epochs=self.checkpoint_every_epochs)
+                              tag=digest(nums), every_epochs=self.checkpoint_every_epochs, clock=clock)
             history: list = []
             writer = self._tensorboard(f"backdoor-{key}") if self.tensorboard else None
             try:
@@ -208,10 +207,8 @@ class Runner:
             finally:
                 if writer is not None:
                     writer.close()
-            t_eval = time.time()
             ev = evaluate(trainer, model, ds.test, trig, ds.num_classes)
-            # a resumed training's time is its epochs' (this process ran only the last ones) plus the evaluation
-            wall = max(time.time() - t0, sum(h["seconds"] for h in history) + time.time() - t_eval)
+            wall = clock.elapsed()
             atomic_write_bytes(self.store.dir("backdoor", key) / "metrics.jsonl",
                                "".join(json.dumps(h) + "\n" for h in history).encode())
             self.store.save_model("backdoor", key, model, {

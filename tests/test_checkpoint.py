@@ -179,3 +179,36 @@ def test_a_resumed_cell_reports_the_time_of_the_work_it_kept(tmp_path):
         runner.compute(m.cells[0])
     row, computed = Runner(Store(tmp_path / "runs")).compute(m.cells[0])
     assert computed and row["wall_time_s"] >= SlowThenKilled.phase_s  # not only the rerun's few ms
+
+
+@pytest.mark.slow
+def test_a_resumed_backdoored_training_reports_the_time_of_the_epochs_it_kept(tmp_path, monkeypatch):
+    """The first attempt's epochs take ``epoch_s`` each and it is killed after the second; the rerun
+    resumes at epoch 3 with fast epochs, and the model's wall time still counts the two kept ones."""
+    from conftest import TINY_RECIPE, matrix_dict
+
+    from bench.matrix import parse_matrix
+    from bench.runner import Runner
+    from bench.store import Store
+
+    epoch_s, fit = 1.0, Trainer.fit
+
+    def slow_then_killed(self, model, data, **kw):
+        def on_epoch(epoch, m):
+            time.sleep(epoch_s)
+            if epoch == 1:
+                raise Stop
+        return fit(self, model, data, **kw, on_epoch=on_epoch)
+
+    cell = parse_matrix(matrix_dict(recipe={**TINY_RECIPE, "epochs": 4})).cells[0]
+    monkeypatch.setattr(Trainer, "fit", slow_then_killed)
+    with pytest.raises(Stop):
+        Runner(Store(tmp_path / "runs"), checkpoint_every_s=0).backdoored(cell)
+    monkeypatch.setattr(Trainer, "fit", fit)
+    runner = Runner(Store(tmp_path / "runs"), checkpoint_every_s=0)
+    t0 = time.monotonic()
+    runner.backdoored(cell)
+    rerun_s = time.monotonic() - t0
+    meta = runner.store.load_json(runner.store.dir("backdoor", cell.backdoor_key) / "meta.json")
+    assert meta["wall_time_s"] > rerun_s + epoch_s  # more than the rerun alone could have measured
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
