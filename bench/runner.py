@@ -90,11 +90,18 @@ def checked_flags(flagged, n: int, who: str) -> torch.Tensor:
     return flagged
 
 
+def chance_probe(n: int, seed: int) -> torch.Tensor:
+    """The sorted indices of the chance guard's probe: :data:`CHANCE_PROBE` of ``n`` training
+    samples from the cell's own ``"chance-probe"`` stream.  A stream of its own matters: the
+    attacks draw their poison from ``randperm(n)`` under the plain cell seed, and a probe drawn the
+    same way held every poisoned sample (a WaNet probe at 10 % poison was 55 % target labels)."""
+    return torch.randperm(n, generator=stream(seed, "chance-probe"))[:CHANCE_PROBE].sort().values
+
+
 def chance_guard(trainer: Trainer, models: dict, train: ImageSet, seed: int) -> tuple[dict, list[str]]:
     """Training accuracy of each returned model on a probe of the training set, and a warning for
     each model at chance (see :data:`CHANCE_FACTOR`)."""
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:CHANCE_PROBE]
-    probe = train.subset(idx.sort().values)
+    probe = train.subset(chance_probe(len(train), seed))
     majority = float(torch.bincount(probe.y).max()) / len(probe)
     accs, warnings = {}, []
     for name, model in models.items():

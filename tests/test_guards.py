@@ -59,3 +59,19 @@ def test_report_marks_attacks_that_did_not_implant_and_cells_with_warnings():
     assert "did not implant" in main.note and WARN_MARK in main.note
     warned = next(t for t in tables if t.caption.startswith("Warnings"))
     assert warned.rows == [["BadNet", "X", "0", "at chance: ..."]]
+
+
+def test_the_chance_probe_holds_the_poison_at_its_base_rate():
+    """The probe is drawn apart from the attack's poison: at 5 % poison of 50,000 samples its
+    10,000 hold 5 % poison (binomial sd 0.22 points; the bound is 4.5 sd), not all 2,500 (25 %)."""
+    from bench.core.registry import ATTACKS
+    from bench.runner import CHANCE_PROBE, chance_probe
+
+    y = torch.arange(50_000) % 10
+    attack = ATTACKS.get("badnet")(poison_ratio=0.05)
+    for seed in (0, 1, 2):
+        poison, _ = attack.select(y, torch.Generator().manual_seed(seed))  # as Attack.poison draws it
+        probe = chance_probe(len(y), seed)
+        assert len(probe) == CHANCE_PROBE and len(probe.unique()) == CHANCE_PROBE
+        share = float(torch.isin(probe, poison).float().mean())
+        assert 0.04 < share < 0.06, (seed, share)
