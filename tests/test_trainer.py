@@ -103,3 +103,36 @@ def test_schedules_end_where_expected():
             opt.step()
             s.step()
         assert abs(opt.param_groups[0]["lr"] - last) < 1e-6, name
+
+
+def test_a_trainings_draws_are_not_the_attacks_poison_draw(monkeypatch):
+    """With the cell's seed, a training's first-epoch order and the images a data-dependent
+    initialisation sees (fastnet whitens on 5,000) hold the poison at its base rate.  Both once
+    replayed the attack's ``randperm(N)``: the poisoned samples came first, and fastnet's stem was
+    whitened on 50 % (BadNet) to 100 % (WaNet at 10 %) poisoned images."""
+    from bench.core.registry import ATTACKS
+    from bench.core.trainer import init_pick
+
+    class Seen(Exception):
+        pass
+
+    def first_pass(self, model, data, pool, opt, gen, *a, **kw):  # the order train_pass would draw
+        raise Seen(pool[torch.randperm(len(pool), generator=gen)])
+
+    monkeypatch.setattr(Trainer, "train_pass", first_pass)
+    n = 20_000
+    y = torch.arange(n) % 2
+    data = ImageSet(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), y)
+    attack = ATTACKS.get("badnet")(poison_ratio=0.05)
+    tr = Trainer(recipe=Recipe(epochs=1, batch_size=32, crop_padding=0, flip=False))
+    for seed in (0, 1, 2):
+        poison, _ = attack.select(y, torch.Generator().manual_seed(seed))  # as Attack.poison draws it
+        whiten = init_pick(torch.arange(n), 2_000, seed)
+        try:
+            tr.fit(_model(), data, seed=seed)
+        except Seen as e:
+            order = e.args[0]
+        # 2,000 draws at 5 %: sd 0.49 points; the bounds are 4 sd (before: 100 % in both)
+        for name, idx in (("init", whiten), ("first epoch's first 2,000", order[:2_000])):
+            share = float(torch.isin(idx, poison).float().mean())
+            assert 0.03 < share < 0.07, (seed, name, share)

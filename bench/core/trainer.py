@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .data import ImageSet, default_crop_padding
 from .params import ConfigError, Range, check_choices
+from .tensors import stream
 
 log = logging.getLogger("bench.train")
 
@@ -455,6 +456,12 @@ class Lookahead:
             self.ema[k].copy_(v)
 
 
+def init_pick(pool: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The sorted ``min(n, len(pool))`` samples of ``pool`` a data-dependent initialisation sees,
+    drawn from the ``"init-from-data"`` stream of ``seed`` (see :meth:`Trainer.fit`)."""
+    return pool[torch.randperm(len(pool), generator=stream(seed, "init-from-data"))[:n]].sort().values
+
+
 @dataclass
 class Trainer:
     """Trains and evaluates :class:`~bench.core.models.Classifier` models on uint8 image sets."""
@@ -615,10 +622,15 @@ class Trainer:
         :data:`PROGRESS_EPOCH_S` or more; ``history`` receives the records, ``on_record`` is called
         with each.  A model with ``init_from_data`` (the fast network's whitening stem) is first
         initialised from up to ``model.init_samples`` of the images it is about to train on.
+        ``seed`` names the training's random streams (data order, augmentation, initialisation
+        draw), each derived from it by name, so that no training replays a draw another part of the
+        harness makes from the same seed: the attacks draw their poison from ``randperm(N)`` under
+        the plain cell seed, and a training under that generator visited the poisoned samples
+        first and whitened fastnet's stem on them.
         """
         r = (recipe or self.recipe).with_(epochs=epochs, lr=lr, schedule=schedule)
         model = self.prepare(model)
-        gen = torch.Generator().manual_seed(seed)
+        gen = stream(seed, "fit")
         pool = torch.arange(len(data)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         w_all = None if weights is None else self.on_device(torch.as_tensor(weights, dtype=torch.float32))
         if len(pool) == 0 or r.epochs <= 0:
@@ -720,14 +732,12 @@ class Trainer:
     @torch.no_grad()
     def init_from_data(self, model: nn.Module, data: ImageSet, pool: torch.Tensor, seed: int) -> None:
         """Call ``model.init_from_data`` (when it has one and has not been initialised) with up to
-        ``model.init_samples`` un-augmented images of ``data[pool]``, a draw seeded by ``seed``."""
+        ``model.init_samples`` un-augmented images of ``data[pool]`` (:func:`init_pick`)."""
         init = getattr(model, "init_from_data", None)
         done = getattr(model, "data_initialized", None)
         if init is None or (done is not None and bool(done)):
             return
-        n = min(len(pool), int(getattr(model, "init_samples", len(pool))))
-        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
-        init(self.to_float(data.x[pick]))
+        init(self.to_float(data.x[init_pick(pool, int(getattr(model, "init_samples", len(pool))), seed)]))
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
