@@ -255,20 +255,26 @@ def test_fast_recipe_trains_and_a_killed_training_resumes_to_the_same_weights(tm
 
 
 @pytest.mark.slow
+def every_defense_shrunk() -> list[dict]:
+    """One matrix entry per registered defense at its shrunk test settings.  SCAnFT repairs only
+    when it flags a class, and whether the shrunk scan on a 2-epoch model flags one depends on the
+    CPU's arithmetic; threshold 0 flags every class whose J is off the median, so it always repairs."""
+    from test_contracts import shrunk
+
+    from bench.core.registry import DEFENSES
+
+    always = {"scanft": {"threshold": 0.0}}
+    return [{"name": key, **shrunk(DEFENSES.get(key)), **always.get(key, {})} for key in DEFENSES.names()]
+
+
 def test_every_defense_runs_on_fastnet(tmp_path):
     """fastnet under every defense (shrunk, digits, the fast preset at 2 epochs): each cell
     finishes, CLP pairs each group's first conv with its BN through the max pool, and NONE and
     FinePruning find their units."""
-    from test_contracts import shrunk
-
-    from bench.core.registry import DEFENSES
     from bench.runner import Runner
     from bench.store import Store
 
-    # SCAnFT repairs only when it flags a class, and whether the shrunk scan on a 2-epoch model
-    # flags one depends on the CPU's arithmetic; threshold 0 flags every class off the median J
-    always = {"scanft": {"threshold": 0.0}}
-    defenses = [{"name": key, **shrunk(DEFENSES.get(key)), **always.get(key, {})} for key in DEFENSES.names()]
+    defenses = every_defense_shrunk()
     m = parse_matrix(matrix_dict(models=["fastnet"], defenses=defenses, reserve_ratio=0.05,
                                  recipe={"preset": "fast", "epochs": 2, "batch_size": 128, "lr": 0.5}))
     outcomes = {o.cell.defense.key: o for o in run_matrix(m, Runner(Store(tmp_path / "runs")), progress=None)}
@@ -342,10 +348,7 @@ def test_every_defense_phase_at_its_own_lr_runs_with_the_tuning_settings(tmp_pat
 
     monkeypatch.setattr(Trainer, "fit", spy_fit)
     monkeypatch.setattr(Trainer, "optimizer", spy_optimizer)
-    # SCAnFT repairs only when it flags a class, and whether the shrunk scan on a 2-epoch model
-    # flags one depends on the CPU's arithmetic; threshold 0 flags every class off the median J
-    always = {"scanft": {"threshold": 0.0}}
-    defenses = [{"name": key, **shrunk(DEFENSES.get(key)), **always.get(key, {})} for key in DEFENSES.names()]
+    defenses = every_defense_shrunk()
     defenses.append({"name": "abl", "retrain_schedule": "recipe", "label": "ABL-recipe", **shrunk(DEFENSES.get("abl"))})
     m = parse_matrix(matrix_dict(defenses=defenses, reserve_ratio=0.1, recipe={
         "preset": "fast", "epochs": 2, "batch_size": 64, "lr": 0.2, "lookahead": True,
